@@ -1,0 +1,3 @@
+from monai_fl_ext.cli import main
+
+raise SystemExit(main())
