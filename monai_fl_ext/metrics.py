@@ -1,0 +1,62 @@
+"""Multi-label ROC-AUC that stays defined when a label has no positives in the evaluated set.
+
+MONAI's macro ROC-AUC is the plain mean over labels, so one label without positives (common at a
+small hospital's validation set) turns the whole metric into NaN and breaks best-model selection
+and federated metric reporting. Here undefined labels are left out of the macro mean and reported
+as NaN per label.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from monai.handlers import IgniteMetricHandler
+from monai.metrics import ROCAUCMetric
+from monai.metrics.rocauc import compute_roc_auc
+
+
+def per_label_auc(probs: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor) -> list[float]:
+    """ROC-AUC per label column; NaN where a column has only one class.
+
+    Args:
+        probs: (N, K) predicted probabilities (or any score monotone in them).
+        labels: (N, K) 0/1 targets.
+
+    Returns:
+        K floats.
+    """
+    probs_t, labels_t = torch.as_tensor(probs, dtype=torch.float64), torch.as_tensor(labels, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "y values can not be all 0 or 1" for undefined labels
+        return [float(v) for v in compute_roc_auc(probs_t, labels_t, average="none")]
+
+
+def macro_auc(per_label: Sequence[float]) -> float:
+    """Mean of the defined per-label AUCs (NaN only if none is defined)."""
+    values = np.asarray(per_label, dtype=float)
+    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+
+
+class MacroROCAUCMetric(ROCAUCMetric):
+    """:class:`monai.metrics.ROCAUCMetric` whose macro average skips labels without both classes."""
+
+    def aggregate(self, average: str | None = None) -> float | np.ndarray:  # type: ignore[override]
+        y_pred, y = self.get_buffer()
+        per_label = per_label_auc(y_pred, y)
+        # an array, not a list: ignite's metric handler keeps only the first element of a list
+        return np.asarray(per_label) if (average or self.average) == "none" else macro_auc(per_label)
+
+
+class MacroROCAUC(IgniteMetricHandler):
+    """Ignite handler for :class:`MacroROCAUCMetric`; use it where a bundle would use ``monai.handlers.ROCAUC``.
+
+    Args:
+        average: ``"macro"`` (NaN-skipping mean) or ``"none"`` (list per label).
+        output_transform: maps ``engine.state.output`` to ``(y_pred, y)``, e.g. ``from_engine(["pred", "label"])``.
+    """
+
+    def __init__(self, average: str = "macro", output_transform=lambda x: x) -> None:
+        super().__init__(metric_fn=MacroROCAUCMetric(average=average), output_transform=output_transform, save_details=False)
