@@ -15,7 +15,12 @@ BUNDLE = "chest_xray_classification"
 
 
 def prepare_synthetic(
-    workdir: str | os.PathLike, spec: SyntheticSpec, num_sites: int = 3, alpha: float = 0.5, progress: bool = True
+    workdir: str | os.PathLike,
+    spec: SyntheticSpec,
+    num_sites: int = 3,
+    alpha: float = 0.5,
+    progress: bool = True,
+    min_site_size: int = 20,
 ) -> tuple[Path, Path, Path]:
     """Generate a synthetic ChestX-ray14 cohort, its datalist and a Dirichlet partition into hospitals.
 
@@ -27,7 +32,7 @@ def prepare_synthetic(
     datalist = dataset_dir / "datalist.json"
     build_nih_datalist(dataset_dir, out_path=datalist, seed=spec.seed)
     partition_dir = write_partition(
-        datalist, workdir / "partition", num_sites=num_sites, strategy="dirichlet", alpha=alpha, seed=spec.seed, min_site_size=20
+        datalist, workdir / "partition", num_sites=num_sites, strategy="dirichlet", alpha=alpha, seed=spec.seed, min_site_size=min_site_size
     )
     return dataset_dir, datalist, partition_dir
 

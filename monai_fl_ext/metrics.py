@@ -41,22 +41,36 @@ def macro_auc(per_label: Sequence[float]) -> float:
 
 
 class MacroROCAUCMetric(ROCAUCMetric):
-    """:class:`monai.metrics.ROCAUCMetric` whose macro average skips labels without both classes."""
+    """:class:`monai.metrics.ROCAUCMetric` whose macro average skips labels without both classes.
 
-    def aggregate(self, average: str | None = None) -> float | np.ndarray:  # type: ignore[override]
+    Args:
+        average: ``"macro"`` or ``"none"`` (per label).
+        labels: label names; with ``"none"`` the result is then ``{name: auc}``, which logs and saves on one line.
+    """
+
+    def __init__(self, average: str = "macro", labels: Sequence[str] | None = None) -> None:
+        super().__init__(average=average)
+        self.labels = list(labels) if labels is not None else None
+
+    def aggregate(self, average: str | None = None) -> float | np.ndarray | dict[str, float]:  # type: ignore[override]
         y_pred, y = self.get_buffer()
         per_label = per_label_auc(y_pred, y)
-        # an array, not a list: ignite's metric handler keeps only the first element of a list
-        return np.asarray(per_label) if (average or self.average) == "none" else macro_auc(per_label)
+        if (average or self.average) != "none":
+            return macro_auc(per_label)
+        # not a list: ignite's metric handler keeps only the first element of a list
+        return dict(zip(self.labels, per_label)) if self.labels else np.asarray(per_label)
 
 
 class MacroROCAUC(IgniteMetricHandler):
     """Ignite handler for :class:`MacroROCAUCMetric`; use it where a bundle would use ``monai.handlers.ROCAUC``.
 
     Args:
-        average: ``"macro"`` (NaN-skipping mean) or ``"none"`` (list per label).
+        average: ``"macro"`` (NaN-skipping mean) or ``"none"`` (per label).
+        labels: label names, to report ``"none"`` as ``{name: auc}``.
         output_transform: maps ``engine.state.output`` to ``(y_pred, y)``, e.g. ``from_engine(["pred", "label"])``.
     """
 
-    def __init__(self, average: str = "macro", output_transform=lambda x: x) -> None:
-        super().__init__(metric_fn=MacroROCAUCMetric(average=average), output_transform=output_transform, save_details=False)
+    def __init__(self, average: str = "macro", labels: Sequence[str] | None = None, output_transform=lambda x: x) -> None:
+        super().__init__(
+            metric_fn=MacroROCAUCMetric(average=average, labels=labels), output_transform=output_transform, save_details=False
+        )

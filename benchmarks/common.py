@@ -1,0 +1,87 @@
+"""What every benchmark shares: the environment record, the bundle's config, the reproduce command."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = "chest_xray_classification"
+
+
+def environment() -> dict[str, Any]:
+    """Versions, threads, CPUs, platform and the machine's load when the benchmark ran."""
+    import monai
+    import torch
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        usable = os.cpu_count()
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "cpu_count": os.cpu_count(),
+        "usable_cpus": usable,
+        "cuda": torch.cuda.is_available(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "git_commit": commit,
+    }
+
+
+def command(name: str, args: Any, options: Sequence[str] = ()) -> str:
+    """The exact command line that reproduces benchmark ``name`` with the values of ``options`` in ``args``.
+
+    ``options`` are argparse destinations (``"epochs"``); unset (None/False) ones are left out.
+    """
+    parts = ["python", "-m", "benchmarks.run", name]
+    if getattr(args, "quick", False):
+        parts.append("--quick")
+    for opt in options:
+        value = getattr(args, opt, None)
+        if value is None or value is False:
+            continue
+        flag = "--" + opt.replace("_", "-")
+        if value is True:
+            parts.append(flag)
+        elif isinstance(value, (list, tuple)):
+            parts += [flag, *map(str, value)]
+        else:
+            parts += [flag, str(value)]
+    return shlex.join(parts)
+
+
+def bundle_parser(overrides: Mapping[str, Any] | None = None):
+    """A ``ConfigParser`` holding the bundle's ``train.json`` with ``overrides`` applied (CPU device)."""
+    from monai.bundle import ConfigParser
+
+    from monai_fl_ext.bundle import TRAIN_CONFIG, resolve_bundle
+
+    root = resolve_bundle(BUNDLE)
+    parser = ConfigParser()
+    parser.read_config(str(root / TRAIN_CONFIG))
+    parser.update({"bundle_root": str(root), "device": "$torch.device('cpu')", **dict(overrides or {})})
+    return parser
+
+
+def sig(x: float | None, digits: int = 4) -> float | None:
+    """``x`` rounded to ``digits`` significant digits (stable, readable JSON)."""
+    if x is None:
+        return None
+    return float(f"{x:.{digits}g}")

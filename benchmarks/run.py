@@ -1,0 +1,137 @@
+"""Run named benchmarks and write their results: ``python -m benchmarks.run NAME [NAME ...] | all``.
+
+Each benchmark is a function ``(argparse.Namespace) -> dict`` in :data:`REGISTRY`. Its result dict
+holds ``name``, ``description``, ``command`` (the exact command reproducing it), ``environment``,
+``params``, ``rows`` and ``summary`` (optionally ``notes`` and extra ``tables``). The runner writes
+``<out>/<name>.json`` and ``<out>/<name>.md`` and regenerates ``docs/benchmarks.md`` from every
+``*.json`` result in ``<out>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks import central_auc, central_training, data_pipeline
+from benchmarks.common import REPO
+from benchmarks.report import docs_markdown, result_markdown
+
+REGISTRY: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+    data_pipeline.NAME: data_pipeline.run,
+    central_training.NAME: central_training.run,
+    central_auc.NAME: central_auc.run,
+}
+SUMMARIES = {
+    data_pipeline.NAME: "images/s through the bundle's transforms: uncached vs cached vs cached+random, 64 and 224 px (~1-2 min)",
+    central_training.NAME: "ResNet-18 train-step throughput by size (64/224), norm (batch/group), stem stride (2/1) (~3-5 min)",
+    central_auc.NAME: "central baseline test macro/per-label/per-site AUC on the 500-patient synthetic demo cohort (~5-15 min)",
+}
+REQUIRED_KEYS = ("name", "description", "command", "environment", "params", "rows", "summary")
+DEFAULT_OUT = REPO / "benchmarks" / "results"
+DEFAULT_DOCS = REPO / "docs" / "benchmarks.md"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    listing = "\n".join(f"  {name:<18} {text}" for name, text in SUMMARIES.items())
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.run",
+        description=(
+            "Run reproducible benchmarks of the chest X-ray bundle. Timings are reported as ratios of variants "
+            "measured interleaved in the same process (medians over rounds), because the machines are shared and "
+            "absolute times are noisy. Writes OUT/NAME.json and OUT/NAME.md per benchmark and regenerates "
+            "docs/benchmarks.md from every result JSON in OUT."
+        ),
+        epilog=f"benchmarks:\n{listing}\n\nexamples:\n"
+        "  python -m benchmarks.run data_pipeline central_training\n"
+        "  python -m benchmarks.run central_auc --epochs 8\n"
+        "  python -m benchmarks.run all --quick --out /tmp/bench\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks to run, or 'all' ({', '.join(REGISTRY)})")
+    parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder (default: benchmarks/results)")
+    parser.add_argument("--docs", type=Path, default=DEFAULT_DOCS, help="markdown page regenerated from OUT (default: docs/benchmarks.md)")
+    parser.add_argument("--no-docs", action="store_true", help="do not regenerate the docs page")
+    parser.add_argument("--quick", action="store_true", help="smoke-test sizes: tiny cohorts, fewer repetitions (results marked quick)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads before running (default: torch's own choice)")
+    timing = parser.add_argument_group("timing benchmarks (data_pipeline, central_training)")
+    timing.add_argument("--repeats", type=int, help="timed rounds (default 5 data_pipeline, 3 central_training; quick: 2)")
+    timing.add_argument("--sizes", type=int, nargs="+", help="central_training image sizes (default 64 224; quick: 64)")
+    timing.add_argument("--norms", nargs="+", choices=("batch", "group", "instance"), help="central_training norms (default batch group)")
+    timing.add_argument("--strides", type=int, nargs="+", help="central_training stem strides (default 2 1)")
+    timing.add_argument("--batch-size", type=int, help="central_training batch size (default 32, the bundle's)")
+    quality = parser.add_argument_group("data size / training (data_pipeline, central_auc)")
+    quality.add_argument("--patients", type=int, help="synthetic patients (default 150 data_pipeline, 500 central_auc; quick: 30 / 120)")
+    quality.add_argument("--epochs", type=int, help="central_auc training epochs (default 8; quick: 1)")
+    return parser
+
+
+def write_result(result: dict[str, Any], out: Path) -> tuple[Path, Path]:
+    """Write ``out/<name>.json`` (canonical) and ``out/<name>.md``."""
+    from monai_fl_ext.io import atomic_write_json, atomic_write_text
+
+    missing = [k for k in REQUIRED_KEYS if k not in result]
+    if missing:
+        raise ValueError(f"benchmark result {result.get('name')!r} lacks {missing}")
+    json_path = atomic_write_json(out / f"{result['name']}.json", result)
+    md_path = atomic_write_text(out / f"{result['name']}.md", result_markdown(result))
+    return json_path, md_path
+
+
+def write_docs(out: Path, docs: Path) -> Path:
+    """Regenerate ``docs`` from every ``*.json`` result in ``out`` (registry order, then by name)."""
+    from monai_fl_ext.io import atomic_write_text, read_json
+
+    order = {name: i for i, name in enumerate(REGISTRY)}
+    results = [read_json(p) for p in sorted(out.glob("*.json"))]
+    results = [r for r in results if isinstance(r, dict) and all(k in r for k in REQUIRED_KEYS)]
+    results.sort(key=lambda r: (order.get(r["name"], len(order)), r["name"]))
+    return atomic_write_text(docs, docs_markdown(results))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.list:
+        for name, text in SUMMARIES.items():
+            print(f"{name:<18} {text}")
+        return 0
+    if not args.names:
+        parser.error("name at least one benchmark, or 'all' (see --list)")
+    names = list(REGISTRY) if "all" in args.names else list(dict.fromkeys(args.names))
+    unknown = [n for n in names if n not in REGISTRY]
+    if unknown:
+        parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(REGISTRY)} or 'all'")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    failed = []
+    for name in names:
+        print(f"[benchmarks] {name}: running{' (quick)' if args.quick else ''}...", flush=True)
+        start = time.perf_counter()
+        try:
+            result = REGISTRY[name](args)
+            json_path, md_path = write_result(result, args.out)
+        except Exception:  # one broken benchmark must not lose the others' results
+            traceback.print_exc()
+            failed.append(name)
+            continue
+        print(f"[benchmarks] {name}: done in {time.perf_counter() - start:.0f} s -> {json_path}, {md_path}", flush=True)
+        for key, value in result["summary"].items():
+            print(f"    {key}: {value}")
+    if not args.no_docs:
+        print(f"[benchmarks] docs -> {write_docs(args.out, args.docs)}")
+    if failed:
+        print(f"[benchmarks] FAILED: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
