@@ -69,7 +69,7 @@ def run(args: Namespace) -> dict[str, Any]:
     return {
         "name": NAME,
         "description": DESCRIPTION,
-        "command": command(NAME, Namespace(quick=args.quick, epochs=epochs, patients=patients), ("epochs", "patients")),
+        "command": command(NAME, args, epochs=epochs, patients=patients),
         "environment": env,
         "params": {
             "patients": patients,

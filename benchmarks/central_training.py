@@ -7,7 +7,7 @@ from argparse import Namespace
 from typing import Any
 
 from benchmarks.common import bundle_parser, command, environment, sig
-from benchmarks.timing import interleaved
+from benchmarks.timing import interleaved, with_threads
 
 NAME = "central_training"
 DESCRIPTION = (
@@ -78,6 +78,11 @@ def _train_step(size: int, norm: str, stride: int, batch_size: int):
     return step, network
 
 
+def _expensive(size: int, stride: int) -> bool:
+    """Configs left untimed (FLOPs only) unless ``--all-configs``: full-resolution stems at 224 px."""
+    return size >= 224 and stride == 1
+
+
 def run(args: Namespace) -> dict[str, Any]:
     """Benchmark ``central_training`` (see :data:`DESCRIPTION`)."""
     import torch
@@ -87,60 +92,102 @@ def run(args: Namespace) -> dict[str, Any]:
     strides = args.strides or [2, 1]
     batch_size = args.batch_size or 32
     repeats = args.repeats or (2 if args.quick else 3)
-    warmup = 1 if args.quick else 2
+    all_configs = bool(getattr(args, "all_configs", False))
+    threads = torch.get_num_threads()
     env = environment()
-    configs = [BASELINE] + [c for c in itertools.product(sizes, norms, strides) if c != BASELINE]
-    steps, flops = {}, {}
-    for size, norm, stride in configs:
+    grid = [BASELINE] + [c for c in itertools.product(sizes, norms, strides) if c != BASELINE]
+    timed = [c for c in grid if all_configs or not _expensive(c[0], c[2])]
+    steps, flops, warmup = {}, {}, {}
+    for size, norm, stride in grid:
         step, network = _train_step(size, norm, stride, batch_size)
-        steps[_key(size, norm, stride)] = step
-        flops[_key(size, norm, stride)] = forward_gflops(network, size)
+        key = _key(size, norm, stride)
+        flops[key] = forward_gflops(network, size)
+        if (size, norm, stride) in timed:
+            steps[key] = step
+            warmup[key] = 1 if args.quick or size > 64 else 2
+    base = _key(*BASELINE)
+    single = f"{base}@1thr"
+    if threads > 1:  # the baseline again on one thread: do the extra threads help on this machine now?
+        steps[single] = with_threads(_train_step(*BASELINE, batch_size)[0], 1)
+        warmup[single] = warmup[base]
     torch.manual_seed(0)
     timings = interleaved(steps, repeats=repeats, warmup=warmup)
-    base = _key(*BASELINE)
     rows = []
-    for size, norm, stride in configs:
+    for size, norm, stride in grid:
         key = _key(size, norm, stride)
-        seconds = timings.median(key)
-        rows.append(
+        row: dict[str, Any] = {"spatial_size": size, "norm": norm, "stem_stride": stride, "torch_threads": threads}
+        if key in steps:
+            seconds = timings.median(key)
+            row.update(
+                {
+                    "ms_per_image": sig(1000 * seconds / batch_size),
+                    "images_per_s": sig(batch_size / seconds),
+                    "time_vs_baseline": sig(timings.paired_ratio(key, base), 3),
+                }
+            )
+        else:
+            row.update({"ms_per_image": None, "images_per_s": None, "time_vs_baseline": None})
+        row.update(
             {
-                "spatial_size": size,
-                "norm": norm,
-                "stem_stride": stride,
-                "ms_per_image": sig(1000 * seconds / batch_size),
-                "images_per_s": sig(batch_size / seconds),
-                "time_vs_baseline": sig(timings.paired_ratio(key, base), 3),
                 "gflop_fwd": sig(flops[key], 3),
                 "flop_ratio": sig(flops[key] / flops[base], 3),
-                "spread": sig(timings.spread(key), 2),
+                "spread": sig(timings.spread(key), 2) if key in steps else None,
             }
         )
+        rows.append(row)
+    if single in steps:
+        seconds = timings.median(single)
+        rows.insert(
+            1,
+            {
+                **rows[0],
+                "torch_threads": 1,
+                "ms_per_image": sig(1000 * seconds / batch_size),
+                "images_per_s": sig(batch_size / seconds),
+                "time_vs_baseline": sig(timings.paired_ratio(single, base), 3),
+                "spread": sig(timings.spread(single), 2),
+            },
+        )
     summary: dict[str, Any] = {
-        "baseline": base,
+        "baseline": f"{base} ({threads} torch threads)",
         "baseline_ms_per_image": rows[0]["ms_per_image"],
         "baseline_images_per_s": rows[0]["images_per_s"],
     }
-    summary.update({f"time_vs_baseline[{_key(*c)}]": r["time_vs_baseline"] for c, r in zip(configs, rows) if c != BASELINE})
+    summary.update({f"time_vs_baseline[{_key(*c)}]": r["time_vs_baseline"] for c, r in zip(grid, rows[1:] if single in steps else rows) if c != BASELINE and c in timed})
+    if single in steps:
+        summary["baseline_on_1_thread_vs_baseline"] = rows[1]["time_vs_baseline"]
     notes = [
+        "time_vs_baseline: how many times longer a step takes per image than the baseline's, median of per-round ratios.",
         "Absolute ms/image depend on the machine and its load at the time; the ratios are the result.",
         "spread = (max - min) / median of the per-step times: the run's noise level on this shared machine.",
     ]
+    untimed = [_key(*c) for c in grid if c not in timed]
+    if untimed:
+        notes.append(
+            f"Not timed (one batch-{batch_size} step takes about a minute on a 2-core CPU; add --all-configs): "
+            + ", ".join(untimed) + ". Their flop_ratio is the expected time_vs_baseline."
+        )
+    if single in steps:
+        notes.append(
+            "The baseline is also timed with torch.set_num_threads(1): baseline_on_1_thread_vs_baseline < 1 means "
+            f"the default {threads} threads were slower than one on this machine at the time (busy cores)."
+        )
     return {
         "name": NAME,
         "description": DESCRIPTION,
         "command": command(
-            NAME,
-            Namespace(quick=args.quick, sizes=sizes, norms=norms, strides=strides, batch_size=batch_size, repeats=repeats),
-            ("sizes", "norms", "strides", "batch_size", "repeats"),
+            NAME, args, sizes=sizes, norms=norms, strides=strides, batch_size=batch_size, repeats=repeats, all_configs=all_configs
         ),
         "environment": env,
         "params": {
             "batch_size": batch_size,
             "repeats": repeats,
-            "warmup": warmup,
+            "warmup_steps": {k: v for k, v in warmup.items()},
             "sizes": sizes,
             "norms": norms,
             "strides": strides,
+            "all_configs": all_configs,
+            "torch_threads": threads,
             "device": "cpu",
             "quick": bool(args.quick),
         },

@@ -6,7 +6,7 @@ import os
 import platform
 import shlex
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,16 +45,18 @@ def environment() -> dict[str, Any]:
     }
 
 
-def command(name: str, args: Any, options: Sequence[str] = ()) -> str:
-    """The exact command line that reproduces benchmark ``name`` with the values of ``options`` in ``args``.
+def command(name: str, args: Any, **options: Any) -> str:
+    """The exact command line that reproduces benchmark ``name``.
 
-    ``options`` are argparse destinations (``"epochs"``); unset (None/False) ones are left out.
+    ``--quick`` and ``--threads`` are taken from ``args`` (the runner's namespace); ``options`` are the
+    benchmark's resolved settings (``epochs=8`` -> ``--epochs 8``), so defaults are spelled out too.
     """
     parts = ["python", "-m", "benchmarks.run", name]
     if getattr(args, "quick", False):
         parts.append("--quick")
-    for opt in options:
-        value = getattr(args, opt, None)
+    if getattr(args, "threads", None):
+        parts += ["--threads", str(args.threads)]
+    for opt, value in options.items():
         if value is None or value is False:
             continue
         flag = "--" + opt.replace("_", "-")

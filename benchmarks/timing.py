@@ -83,3 +83,18 @@ def interleaved(
                 sync()
             timings.samples[n].append(timer() - start)
     return timings
+
+
+def with_threads(fn: Callable[[], object], threads: int) -> Callable[[], object]:
+    """``fn`` run with ``torch.set_num_threads(threads)``, restoring the previous count afterwards."""
+    import torch
+
+    def run() -> object:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(previous)
+
+    return run

@@ -92,7 +92,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from monai_fl_ext.demo import run_demo
 
     report = run_demo(args.workdir, num_patients=args.patients, image_size=args.image_size, epochs=args.epochs,
-                      num_sites=args.sites, alpha=args.alpha, seed=args.seed, progress=not args.quiet)
+                      num_sites=args.sites, alpha=args.alpha, seed=args.seed, progress=not args.quiet,
+                      partitions_root=args.partitions_root)
     print("\n=== central baseline (synthetic ChestX-ray14, 3 hospitals) ===")
     print(f"test macro AUC: {report['test']['macro_auc']:.4f}  (n={report['test']['n']}, best val AUC {report['best_val_auc']:.4f})")
     for site, r in report["per_site_test"].items():
@@ -166,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sites", type=int, default=3)
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label-skew concentration")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--partitions-root", default="partitions", help="the partition is written under this folder")
     p.add_argument("--quiet", action="store_true")
     return parser
 

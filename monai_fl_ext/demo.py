@@ -21,8 +21,18 @@ def prepare_synthetic(
     alpha: float = 0.5,
     progress: bool = True,
     min_site_size: int = 20,
+    partition_dir: str | os.PathLike | None = None,
 ) -> tuple[Path, Path, Path]:
     """Generate a synthetic ChestX-ray14 cohort, its datalist and a Dirichlet partition into hospitals.
+
+    Args:
+        workdir: data goes to ``workdir/data``.
+        spec: the synthetic cohort.
+        num_sites: hospitals.
+        alpha: Dirichlet label-skew concentration.
+        progress: show progress bars.
+        min_site_size: minimum training images per hospital.
+        partition_dir: where the partition goes (default ``workdir/partition``).
 
     Returns:
         ``(dataset_dir, datalist_path, partition_dir)``.
@@ -32,7 +42,7 @@ def prepare_synthetic(
     datalist = dataset_dir / "datalist.json"
     build_nih_datalist(dataset_dir, out_path=datalist, seed=spec.seed)
     partition_dir = write_partition(
-        datalist, workdir / "partition", num_sites=num_sites, strategy="dirichlet", alpha=alpha, seed=spec.seed, min_site_size=min_site_size
+        datalist, partition_dir or workdir / "partition", num_sites=num_sites, strategy="dirichlet", alpha=alpha, seed=spec.seed, min_site_size=min_site_size
     )
     return dataset_dir, datalist, partition_dir
 
@@ -46,10 +56,16 @@ def run_demo(
     alpha: float = 0.5,
     seed: int = 0,
     progress: bool = True,
+    partitions_root: str | os.PathLike = "partitions",
 ) -> dict[str, Any]:
-    """Run the demo and return the central report (also written under ``workdir/central``)."""
+    """Run the demo and return the central report (also written under ``workdir/central``).
+
+    The partition goes to ``partitions_root/synthetic-cxr-...``; the generator and the partition tool
+    are deterministic, so re-running the demo rewrites the committed partition byte for byte.
+    """
     spec = SyntheticSpec(num_patients=num_patients, image_size=image_size, num_hospitals=num_sites, seed=seed)
-    dataset_dir, datalist, partition_dir = prepare_synthetic(workdir, spec, num_sites, alpha, progress)
+    partition_dir = Path(partitions_root) / f"synthetic-cxr-{num_patients}p-{image_size}px-dirichlet-{alpha}-{num_sites}sites-seed{seed}"
+    dataset_dir, datalist, partition_dir = prepare_synthetic(workdir, spec, num_sites, alpha, progress, partition_dir=partition_dir)
     return run_central(
         BUNDLE,
         dataset_dir,

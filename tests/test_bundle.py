@@ -123,5 +123,9 @@ def test_multi_gpu_config_runs_two_gloo_processes_with_torchrun(tiny_overrides, 
                             env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (run_dir / "models" / "model_final.pt").is_file()
+    from monai_fl_ext.bundle import load_checkpoint
+    from monai_fl_ext.networks import resnet18
+
     state = torch.load(run_dir / "models" / "model_final.pt", weights_only=True)
-    assert any(k.startswith("module.") for k in state), "DDP checkpoint expected (module. prefix)"
+    assert not any(k.startswith("module.") for k in state), "MONAI's CheckpointSaver should unwrap DDP"
+    load_checkpoint(resnet18(), run_dir / "models" / "model_final.pt")
