@@ -68,12 +68,10 @@ def _train_step(size: int, norm: str, stride: int, batch_size: int):
     x = torch.rand(batch_size, 1, size, size, generator=g)
     y = (torch.rand(batch_size, classes, generator=g) < 0.1).float()
 
-    def step() -> float:
+    def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(network(x), y)
-        loss.backward()
+        loss_fn(network(x), y).backward()
         optimizer.step()
-        return float(loss)
 
     return step, network
 
@@ -182,7 +180,7 @@ def run(args: Namespace) -> dict[str, Any]:
         "params": {
             "batch_size": batch_size,
             "repeats": repeats,
-            "warmup_steps": {k: v for k, v in warmup.items()},
+            "warmup_steps": dict(warmup),
             "sizes": sizes,
             "norms": norms,
             "strides": strides,
