@@ -27,9 +27,9 @@ REGISTRY: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     central_auc.NAME: central_auc.run,
 }
 SUMMARIES = {
-    data_pipeline.NAME: "images/s through the bundle's transforms: uncached vs cached vs cached+random, 64 and 224 px (~1-2 min)",
-    central_training.NAME: "ResNet-18 train-step throughput by size (64/224), norm (batch/group), stem stride (2/1) (~3-5 min)",
-    central_auc.NAME: "central baseline test macro/per-label/per-site AUC on the 500-patient synthetic demo cohort (~5-15 min)",
+    data_pipeline.NAME: "images/s through the bundle's transforms: uncached vs cached vs cached+random, 64 and 224 px (~1-3 min)",
+    central_training.NAME: "ResNet-18 train-step throughput by size (64/224), norm (batch/group), stem stride (2/1) (~2-4 min)",
+    central_auc.NAME: "central baseline test macro/per-label/per-site AUC on the 500-patient synthetic demo cohort (~3-10 min)",
 }
 REQUIRED_KEYS = ("name", "description", "command", "environment", "params", "rows", "summary")
 DEFAULT_OUT = REPO / "benchmarks" / "results"

@@ -1,0 +1,1 @@
+"""Everything that imports nvflare: the client script, the server controller, the job builder."""

@@ -1,0 +1,132 @@
+"""FLARE Client API script: runs a bundle's ``FederatedBundleAlgo`` at one site.
+
+FLARE's ``ScriptRunner`` starts this file at every site; it receives the global model, trains
+locally, and sends back the weight diff with the iteration count (FLARE weights by it), the site's
+validation metrics of the received global model and of its local model, and the algorithm's meta.
+Errors are caught and reported as an empty result so the site stays in the job and the server can
+aggregate the others (and log why this site was left out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import nvflare.client as flare
+import torch
+from monai.fl.utils.constants import ExtraItems
+from monai.fl.utils.exchange_object import ExchangeObject
+from monai.fl.utils.constants import WeightType
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+
+from monai_fl_ext.algo import FederatedBundleAlgo
+from monai_fl_ext.algorithms import ALGORITHMS, make_local_term
+
+NUM_STEPS = "NUM_STEPS_CURRENT_ROUND"  # nvflare.apis.fl_constant.FLMetaKey.NUM_STEPS_CURRENT_ROUND
+logger = logging.getLogger("monai_fl_ext.client")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="monai_fl_ext FLARE client: trains a MONAI bundle at this site.")
+    p.add_argument("--bundle", required=True, help="bundle folder")
+    p.add_argument("--dataset-dir", required=True, help="folder the datalist's image paths are relative to")
+    p.add_argument("--datalist", required=True, help="this site's datalist JSON")
+    p.add_argument("--run-dir", default="fl_site_outputs", help="site outputs: checkpoints, TensorBoard")
+    p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--algorithm", choices=ALGORITHMS, default="fedavg")
+    p.add_argument("--fedprox-mu", type=float, default=0.01)
+    p.add_argument("--override", action="append", default=[], metavar="KEY=JSON", help="bundle config override")
+    p.add_argument("--fail-rounds", default="", help="fault injection for tests: comma-separated rounds that raise")
+    p.add_argument("--delay", type=float, default=0.0, help="fault injection: seconds to sleep before training")
+    return p.parse_args(argv)
+
+
+def site_overrides(args: argparse.Namespace, site: str) -> dict[str, Any]:
+    run_dir = Path(args.run_dir).resolve() / site if not Path(args.run_dir).is_absolute() else Path(args.run_dir)
+    overrides = {
+        "dataset_dir": str(Path(args.dataset_dir).resolve()),
+        "datalist": str(Path(args.datalist).resolve()),
+        "ckpt_dir": str(run_dir / "models"),
+        "output_dir": str(run_dir / "eval"),
+    }
+    for item in args.override:
+        key, value = item.split("=", 1)
+        overrides[key] = json.loads(value)
+    return overrides
+
+
+def split_metrics(metrics: dict[str, Any], prefix: str = "") -> tuple[dict[str, float], dict[str, Any]]:
+    """Scalar metrics (FLARE aggregates them) and per-label dicts (sent as meta).
+
+    Ignite also copies each entry of a dict-valued metric to the top level; those copies are dropped.
+    """
+    per_label = {k: {n: (float(x) if math.isfinite(x) else None) for n, x in v.items()} for k, v in metrics.items() if isinstance(v, dict)}
+    nested = {n for v in per_label.values() for n in v}
+    scalars = {f"{prefix}{k}": float(v) for k, v in metrics.items()
+               if k not in nested and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return scalars, per_label
+
+
+def _exchange(model: FLModel) -> ExchangeObject:
+    return ExchangeObject(weights={k: torch.as_tensor(v) for k, v in model.params.items()}, weight_type=WeightType.WEIGHTS)
+
+
+def train_round(algo: FederatedBundleAlgo, model: FLModel) -> FLModel:
+    """Evaluate the received global model, train locally, and package the diff for the server."""
+    data = _exchange(model)
+    start = time.perf_counter()
+    global_metrics = algo.evaluate(data).metrics
+    algo.train(data, extra={"meta": model.meta or {}})
+    update = algo.get_weights()
+    local_metrics = algo.local_validation_metrics()
+    params = {k: v.cpu() for k, v in update.weights.items() if k in model.params}
+    global_scalars, global_per_label = split_metrics(global_metrics)
+    local_scalars, local_per_label = split_metrics(local_metrics, "local_")
+    meta = {
+        NUM_STEPS: algo.executed_iterations(update),
+        "num_samples": len(algo.train_workflow.train_dataset),
+        "payload_bytes": int(sum(t.numel() * t.element_size() for t in params.values())),
+        "train_seconds": time.perf_counter() - start,
+        "per_label": {"global": global_per_label, "local": local_per_label},
+        **algo.round_meta,
+    }
+    metrics = {**global_scalars, **local_scalars}
+    return FLModel(params=params, params_type=ParamsType.DIFF, metrics=metrics, meta=meta)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    flare.init()
+    site = flare.get_site_name()
+    fail_rounds = {int(r) for r in args.fail_rounds.split(",") if r.strip()}
+    algo = FederatedBundleAlgo(
+        args.bundle, site_overrides(args, site), local_epochs=args.local_epochs,
+        local_term=make_local_term(args.algorithm, args.fedprox_mu),
+    )
+    algo.initialize(extra={ExtraItems.CLIENT_NAME: site, ExtraItems.APP_ROOT: ""})
+    while flare.is_running():
+        model = flare.receive()
+        if model is None:
+            break
+        try:
+            if flare.is_train():
+                if model.current_round in fail_rounds:
+                    raise RuntimeError(f"injected failure at {site}, round {model.current_round}")
+                time.sleep(args.delay)
+                flare.send(train_round(algo, model))
+            elif flare.is_evaluate():
+                scalars, per_label = split_metrics(algo.evaluate(_exchange(model)).metrics)
+                flare.send(FLModel(metrics=scalars, meta={"per_label": per_label}))
+        except Exception as e:  # the site reports and stays in the job; the server logs the reason
+            logger.exception("%s: task failed", site)
+            flare.send(FLModel(params={}, meta={"error": f"{type(e).__name__}: {e}"}))
+    algo.finalize()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""Server workflow for federated bundle training: FedAvg, FedProx, SCAFFOLD and FedOpt in one controller.
+
+Built on FLARE's ``BaseFedAvg`` (sampling, broadcast, weighted aggregation helper, persistor), it adds
+what a hospital consortium needs from a run:
+
+- rounds continue with the sites that answered (``min_clients``, ``train_timeout``,
+  ``wait_time_after_min_received``); each left-out site is logged with the reason;
+- aggregation weights by local steps (default), samples or uniform, times explicit per-site weights;
+- per-round history (site and global validation metrics, update norms, pairwise cosine, bytes,
+  weights) as JSON and TensorBoard, best and final global checkpoints as plain state dicts;
+- a final cross-site evaluation of the global model and of every site's local model on every site.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from nvflare.app_common.aggregators.weighted_aggregation_helper import WeightedAggregationHelper
+from nvflare.app_common.workflows.base_fedavg import BaseFedAvg
+
+from monai_fl_ext.algorithms import FEDPROX_MU, SCAFFOLD_CTRL_DIFF, SCAFFOLD_CTRL_GLOBAL, ServerOptimizer
+from monai_fl_ext.diagnostics import drift_diagnostics
+from monai_fl_ext.io import atomic_write_bytes, atomic_write_json
+
+NUM_STEPS = "NUM_STEPS_CURRENT_ROUND"
+WEIGHTINGS = ("steps", "samples", "uniform")
+GLOBAL_MODEL = "global"
+
+
+def _mean(values: list[float]) -> float | None:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(finite)) if finite else None
+
+
+class FederatedBundleController(BaseFedAvg):
+    """See the module docstring.
+
+    Args:
+        num_rounds: federated rounds.
+        min_clients: fewest answers a round needs; fewer ends the job with the model so far.
+        algorithm: ``fedavg``, ``fedprox``, ``scaffold`` or ``fedopt``.
+        fedprox_mu: FedProx proximal weight (sent to sites as ``fedprox_mu`` meta).
+        server_optimizer: FedOpt optimizer, ``sgd`` or ``adam``.
+        server_lr: FedOpt learning rate.
+        server_momentum: FedOpt SGD momentum.
+        weighting: ``steps`` (local iterations), ``samples`` (local training items) or ``uniform``.
+        site_weights: explicit multipliers per site, e.g. ``{"site-3": 2.0}`` to up-weight a minority hospital.
+        train_timeout: seconds a round waits at most (0: no limit).
+        wait_time_after_min_received: seconds to wait for the others once ``min_clients`` answered.
+        cross_site_eval: evaluate the final global and local models on every site.
+        output_dir: where history, TensorBoard, plots and checkpoints go (relative: under the job's run dir).
+        key_metric: site metric that selects the best global model.
+        persistor_id: id of FLARE's model persistor component.
+    """
+
+    def __init__(
+        self,
+        num_rounds: int = 3,
+        min_clients: int = 1,
+        algorithm: str = "fedavg",
+        fedprox_mu: float = 0.01,
+        server_optimizer: str = "sgd",
+        server_lr: float = 1.0,
+        server_momentum: float = 0.6,
+        weighting: str = "steps",
+        site_weights: dict | None = None,
+        train_timeout: float = 0,
+        wait_time_after_min_received: float = 30,
+        cross_site_eval: bool = True,
+        output_dir: str = "fl_outputs",
+        key_metric: str = "val_auc",
+        persistor_id: str = "persistor",
+    ) -> None:
+        super().__init__(num_rounds=num_rounds, persistor_id=persistor_id, ignore_result_error=True)
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        # every argument under its own name: FLARE's job exporter reads them back from the instance
+        self.min_clients = min_clients
+        self.algorithm = algorithm
+        self.fedprox_mu = fedprox_mu
+        self.server_optimizer = server_optimizer
+        self.server_lr = server_lr
+        self.server_momentum = server_momentum
+        self.weighting = weighting
+        self.site_weights = dict(site_weights or {})
+        self.train_timeout = train_timeout
+        self.wait_time_after_min_received = wait_time_after_min_received
+        self.cross_site_eval = cross_site_eval
+        self.output_dir = output_dir
+        self.key_metric = key_metric
+
+    # ---- outputs -------------------------------------------------------------------------
+    def _out(self) -> Path:
+        out = Path(self.output_dir)
+        if not out.is_absolute():
+            out = Path(self.engine.get_workspace().get_run_dir(self.fl_ctx.get_job_id())) / out
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+
+    def _writer(self, name: str):
+        if name not in self._writers:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writers[name] = SummaryWriter(log_dir=str(self._out() / "tensorboard" / name))
+        return self._writers[name]
+
+    def _save_state_dict(self, params: dict[str, Any], name: str) -> None:
+        import io
+
+        buf = io.BytesIO()
+        torch.save({k: torch.as_tensor(np.asarray(v)) for k, v in params.items()}, buf)
+        atomic_write_bytes(self._out() / "models" / name, buf.getvalue())
+
+    # ---- the workflow --------------------------------------------------------------------
+    def run(self) -> None:
+        self._writers: dict[str, Any] = {}
+        self.history: dict[str, Any] = {"config": self._config(), "rounds": [], "status": "running"}
+        model = self.load_model()
+        model.start_round, model.total_rounds = self.start_round, self.num_rounds
+        controls: dict[str, np.ndarray] | None = None
+        optimizer = ServerOptimizer(self.server_optimizer, self.server_lr, self.server_momentum) if self.algorithm == "fedopt" else None
+        self._best_metric = -math.inf
+        last_updates: dict[str, dict] = {}
+        all_sites: list[str] = []
+        for self.current_round in range(self.start_round, self.start_round + self.num_rounds):
+            start = time.time()
+            model.current_round = self.current_round
+            model.meta = {}
+            if self.algorithm == "fedprox":
+                model.meta[FEDPROX_MU] = self.fedprox_mu
+            if self.algorithm == "scaffold":
+                controls = controls or {k: np.zeros_like(np.asarray(v), dtype=np.float32) for k, v in model.params.items()}
+                model.meta[SCAFFOLD_CTRL_GLOBAL] = controls
+            sites = self.sample_clients()
+            all_sites = sorted(set(all_sites) | set(sites))
+            self.info(f"round {self.current_round}: training at {sites}")
+            results = self.broadcast_model(
+                data=model, task_name="train", targets=sites, min_responses=self.min_clients,
+                timeout=self.train_timeout, wait_time_after_min_received=self.wait_time_after_min_received, blocking=True,
+            )
+            ok, failed = self._split_results(sites, results)
+            record = self._round_record(ok, failed, time.time() - start)
+            if len(ok) < self.min_clients:
+                self.warning(f"round {self.current_round}: only {len(ok)} of min_clients={self.min_clients} answered; "
+                             f"stopping with the global model of the previous round. Left out: {failed}")
+                record["aggregated"] = False
+                self.history["rounds"].append(record)
+                self.history["status"] = f"stopped at round {self.current_round}: too few sites"
+                break
+            model_before = dict(model.params)
+            metric = record["global_metrics"].get(self.key_metric)
+            if metric is not None and metric > self._best_metric and self.current_round > self.start_round:
+                self._best_metric = metric  # sites evaluated the model they received: last round's global
+                self._save_state_dict(model_before, "best_global_model.pt")
+            mean_update = self._aggregate_updates(ok, record)
+            if optimizer is not None:
+                model.params = optimizer.step(model.params, mean_update)
+            else:
+                model.params = {k: np.asarray(v) + np.asarray(mean_update[k]) if k in mean_update else v for k, v in model.params.items()}
+            if self.algorithm == "scaffold":
+                for r in ok:
+                    for k, v in r.meta.get(SCAFFOLD_CTRL_DIFF, {}).items():
+                        controls[k] = controls[k] + np.asarray(v, dtype=np.float32) / max(len(sites), 1)
+            model.params_type = ParamsType.FULL
+            self.fl_ctx.set_prop("global_model", model, private=True, sticky=False)
+            self.save_model(model)
+            last_updates = {r.meta["client_name"]: (model_before, r.params) for r in ok}
+            record["aggregated"] = True
+            record["seconds"] = time.time() - start
+            self.history["rounds"].append(record)
+            self._log_round(record)
+            self._flush()
+        self._finish(model, last_updates, all_sites)
+
+    def _config(self) -> dict[str, Any]:
+        keys = ("num_rounds", "min_clients", "algorithm", "fedprox_mu", "server_optimizer", "server_lr", "server_momentum",
+                "weighting", "site_weights", "train_timeout", "wait_time_after_min_received", "key_metric")
+        return {k: getattr(self, k) for k in keys}
+
+    def _split_results(self, sites: list[str], results: list[FLModel]) -> tuple[list[FLModel], dict[str, str]]:
+        ok, failed = [], {}
+        answered = set()
+        for r in results:
+            name = r.meta.get("client_name", "?")
+            answered.add(name)
+            if r.params:
+                ok.append(r)
+            else:
+                failed[name] = r.meta.get("error", "empty result")
+        for name in sites:
+            if name not in answered:
+                failed[name] = f"no answer within the round (timeout {self.train_timeout}s, wait after minimum {self.wait_time_after_min_received}s)"
+        for name, why in failed.items():
+            self.warning(f"round {self.current_round}: {name} left out: {why}")
+        return ok, failed
+
+    def _weight(self, result: FLModel) -> float:
+        name = result.meta["client_name"]
+        base = {"steps": float(result.meta.get(NUM_STEPS, 1.0)), "samples": float(result.meta.get("num_samples", 1.0)), "uniform": 1.0}[self.weighting]
+        return base * float(self.site_weights.get(name, 1.0))
+
+    def _aggregate_updates(self, ok: list[FLModel], record: dict[str, Any]) -> dict[str, np.ndarray]:
+        helper = WeightedAggregationHelper()
+        for r in ok:
+            helper.add(data=r.params, weight=record["weights"][r.meta["client_name"]], contributor_name=r.meta["client_name"],
+                       contribution_round=self.current_round)
+        record.update(drift_diagnostics({r.meta["client_name"]: r.params for r in ok}))
+        return helper.get_result()
+
+    def _round_record(self, ok: list[FLModel], failed: dict[str, str], seconds: float) -> dict[str, Any]:
+        site_metrics = {r.meta["client_name"]: dict(r.metrics or {}) for r in ok}
+        global_metrics = {}
+        for key in sorted({k for m in site_metrics.values() for k in m}):
+            global_metrics[key] = _mean([m.get(key) for m in site_metrics.values()])
+        return {
+            "round": self.current_round,
+            "sites_ok": sorted(site_metrics),
+            "sites_failed": failed,
+            "weights": {r.meta["client_name"]: self._weight(r) for r in ok},
+            "steps": {r.meta["client_name"]: int(r.meta.get(NUM_STEPS, 0)) for r in ok},
+            "samples": {r.meta["client_name"]: int(r.meta.get("num_samples", 0)) for r in ok},
+            "payload_bytes": {r.meta["client_name"]: int(r.meta.get("payload_bytes", 0)) for r in ok},
+            "site_metrics": site_metrics,
+            "per_label": {r.meta["client_name"]: r.meta.get("per_label", {}) for r in ok},
+            "global_metrics": global_metrics,
+            "seconds": seconds,
+        }
+
+    def _log_round(self, record: dict[str, Any]) -> None:
+        step = record["round"]
+        for site, metrics in record["site_metrics"].items():
+            for k, v in metrics.items():
+                self._writer(site).add_scalar(k, v, step)
+            self._writer(site).add_scalar("update_norm", record["update_norm"].get(site, 0.0), step)
+        for k, v in record["global_metrics"].items():
+            if v is not None:
+                self._writer(GLOBAL_MODEL).add_scalar(k, v, step)
+        for w in self._writers.values():
+            w.flush()
+        self.info(f"round {step}: aggregated {record['sites_ok']} weights {record['weights']} "
+                  f"global {self.key_metric} {record['global_metrics'].get(self.key_metric)}")
+
+    def _flush(self) -> None:
+        atomic_write_json(self._out() / "history.json", self.history)
+
+    def _evaluate_everywhere(self, params: dict[str, Any], sites: list[str]) -> dict[str, dict[str, float]]:
+        results = self.broadcast_model(
+            data=FLModel(params=params, params_type=ParamsType.FULL), task_name="validate", targets=sites,
+            min_responses=self.min_clients, timeout=self.train_timeout,
+            wait_time_after_min_received=self.wait_time_after_min_received, blocking=True,
+        )
+        return {r.meta.get("client_name", "?"): dict(r.metrics or {}) for r in results if r.metrics}
+
+    def _finish(self, model: FLModel, last_updates: dict[str, tuple], sites: list[str]) -> None:
+        self._save_state_dict(model.params, "final_global_model.pt")
+        final = self._evaluate_everywhere(model.params, sites)
+        final_metric = _mean([m.get(self.key_metric) for m in final.values()])
+        self.history["final"] = {"site_metrics": final, "global_metrics": {self.key_metric: final_metric}}
+        if final_metric is not None and final_metric >= self._best_metric:
+            self._save_state_dict(model.params, "best_global_model.pt")
+        if self.cross_site_eval:
+            matrix = {GLOBAL_MODEL: {s: m.get(self.key_metric) for s, m in final.items()}}
+            for owner, (before, diff) in sorted(last_updates.items()):
+                local = {k: np.asarray(v) + np.asarray(diff[k]) if k in diff else v for k, v in before.items()}
+                matrix[owner] = {s: m.get(self.key_metric) for s, m in self._evaluate_everywhere(local, sites).items()}
+            self.history["cross_site"] = {"metric": self.key_metric, "rows_model_columns_site": matrix}
+            atomic_write_json(self._out() / "cross_site.json", self.history["cross_site"])
+        if self.history["status"] == "running":
+            self.history["status"] = "completed"
+        self._flush()
+        for w in self._writers.values():
+            w.close()
+        try:
+            from monai_fl_ext.reporting import plot_drift
+
+            plot_drift(self.history, self._out() / "drift.png")
+        except Exception as e:  # a plot must never fail a finished job
+            self.warning(f"drift plot failed: {e}")
+        self.info(f"finished: {self.history['status']}; outputs in {self._out()}")

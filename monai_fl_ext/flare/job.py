@@ -1,0 +1,166 @@
+"""Declare a federated bundle job in a few lines and run it: simulation, POC, or an exported job folder.
+
+Sites are the partition's sites; each gets its own datalist. The server's initial model is the
+bundle's ``network_def``; the server workflow is :class:`~monai_fl_ext.flare.controller.FederatedBundleController`;
+each site runs :mod:`monai_fl_ext.flare.client` through FLARE's ``ScriptRunner``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from monai_fl_ext.algorithms import ALGORITHMS
+from monai_fl_ext.bundle import resolve_bundle
+from monai_fl_ext.errors import InputError
+from monai_fl_ext.partition import load_manifest
+
+CLIENT_SCRIPT = "client.py"  # relative: FLARE then runs the copy inside the job's custom/ folder
+FLARE_DIR = Path(__file__).resolve().parent
+
+
+@dataclass
+class FederatedJobSpec:
+    """Everything that defines a federated run of a bundle.
+
+    Args:
+        bundle: bundle name under ``bundles/`` or a path.
+        dataset_dir: folder the datalists' image paths are relative to (same path at every site in simulation/POC).
+        partition_dir: partition folder (``manifest.json`` + ``site-K.json``); its sites are the job's sites.
+        output_dir: where the server's history, plots, checkpoints and the sites' outputs go.
+        algorithm: ``fedavg``, ``fedprox``, ``scaffold`` or ``fedopt``.
+        num_rounds: federated rounds.
+        local_epochs: local epochs per round at every site.
+        min_clients: fewest answers a round needs (default: all sites).
+        fedprox_mu: FedProx proximal weight.
+        server_optimizer, server_lr, server_momentum: FedOpt settings.
+        weighting: ``steps`` | ``samples`` | ``uniform``; ``site_weights`` multiplies per site.
+        train_timeout: hard cap in seconds on a round (0: none); ``wait_time_after_min_received`` after the minimum.
+        overrides: bundle config overrides for every site (e.g. ``{"spatial_size": [64, 64]}``).
+        cross_site_eval: evaluate final global and local models on every site.
+        fault_rounds: fault injection for tests and drills: ``{site: [rounds that raise]}``.
+        site_delay: seconds a site sleeps before training (straggler drills).
+        name: job name.
+    """
+
+    bundle: str
+    dataset_dir: str
+    partition_dir: str
+    output_dir: str
+    algorithm: str = "fedavg"
+    num_rounds: int = 3
+    local_epochs: int = 1
+    min_clients: int | None = None
+    fedprox_mu: float = 0.01
+    server_optimizer: str = "sgd"
+    server_lr: float = 1.0
+    server_momentum: float = 0.6
+    weighting: str = "steps"
+    site_weights: dict[str, float] = field(default_factory=dict)
+    train_timeout: float = 0
+    wait_time_after_min_received: float = 30
+    overrides: dict[str, Any] = field(default_factory=dict)
+    cross_site_eval: bool = True
+    fault_rounds: dict[str, list[int]] = field(default_factory=dict)
+    site_delay: dict[str, float] = field(default_factory=dict)
+    name: str = "monai_fl_ext"
+
+    def sites(self) -> list[str]:
+        return [s["name"] for s in load_manifest(self.partition_dir)["sites"]]
+
+    def validate(self) -> None:
+        """Raise :class:`InputError` naming the first bad parameter."""
+        if self.algorithm not in ALGORITHMS:
+            raise InputError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+        sites = self.sites()
+        for name, ok in {"num_rounds": self.num_rounds >= 1, "local_epochs": self.local_epochs >= 1,
+                         "fedprox_mu": self.fedprox_mu >= 0, "server_lr": self.server_lr > 0,
+                         "train_timeout": self.train_timeout >= 0}.items():
+            if not ok:
+                raise InputError(f"invalid {name}={getattr(self, name)!r}")
+        if self.min_clients is not None and not 1 <= self.min_clients <= len(sites):
+            raise InputError(f"min_clients={self.min_clients} must be between 1 and the {len(sites)} sites of {self.partition_dir}")
+        unknown = set(self.site_weights) - set(sites)
+        if unknown:
+            raise InputError(f"site_weights names unknown site(s) {sorted(unknown)}; sites are {sites}")
+        bad = {s: w for s, w in self.site_weights.items() if not w > 0}
+        if bad:
+            raise InputError(f"site_weights must be positive, got {bad}")
+        if not Path(self.dataset_dir).is_dir():
+            raise InputError(f"dataset_dir {self.dataset_dir} is not a folder")
+
+
+def _client_args(spec: FederatedJobSpec, bundle_root: Path, site: str) -> str:
+    args = ["--bundle", str(bundle_root), "--dataset-dir", str(Path(spec.dataset_dir).resolve()),
+            "--datalist", str((Path(spec.partition_dir) / f"{site}.json").resolve()),
+            "--run-dir", str((Path(spec.output_dir) / "sites" / site).resolve()),
+            "--local-epochs", str(spec.local_epochs), "--algorithm", spec.algorithm, "--fedprox-mu", str(spec.fedprox_mu)]
+    for key, value in spec.overrides.items():
+        args += ["--override", f"{key}={json.dumps(value, separators=(',', ':'))}"]
+    if spec.fault_rounds.get(site):
+        args += ["--fail-rounds", ",".join(map(str, spec.fault_rounds[site]))]
+    if spec.site_delay.get(site):
+        args += ["--delay", str(spec.site_delay[site])]
+    spaced = [a for a in args if any(c.isspace() for c in a)]
+    if spaced:  # FLARE splits script arguments on whitespace and does not honour quotes
+        raise InputError(f"paths and overrides must not contain whitespace for FLARE's script runner: {spaced}")
+    return " ".join(args)
+
+
+def build_job(spec: FederatedJobSpec):
+    """The FLARE job (a ``BaseFedJob``) for ``spec``; see :func:`run_simulation`, :func:`run_poc`, :func:`export_job`."""
+    from nvflare.app_opt.pt.job_config.base_fed_job import BaseFedJob
+    from nvflare.app_opt.pt.job_config.model import PTModel
+    from nvflare.job_config.script_runner import ScriptRunner
+
+    from monai_fl_ext.flare.controller import FederatedBundleController
+
+    spec.validate()
+    bundle_root = resolve_bundle(spec.bundle)
+    sites = spec.sites()
+    min_clients = spec.min_clients or len(sites)
+    job = BaseFedJob(name=spec.name, min_clients=min_clients)
+    job.to_server(PTModel(model={"path": "monai_fl_ext.flare.network.build_bundle_network",
+                                 "args": {"bundle_root": str(bundle_root), "overrides": dict(spec.overrides)}}))
+    job.to_server(FederatedBundleController(
+        num_rounds=spec.num_rounds, min_clients=min_clients, algorithm=spec.algorithm, fedprox_mu=spec.fedprox_mu,
+        server_optimizer=spec.server_optimizer, server_lr=spec.server_lr, server_momentum=spec.server_momentum,
+        weighting=spec.weighting, site_weights=spec.site_weights, train_timeout=spec.train_timeout,
+        wait_time_after_min_received=spec.wait_time_after_min_received, cross_site_eval=spec.cross_site_eval,
+        output_dir=str((Path(spec.output_dir) / "server").resolve()),
+    ))
+    with contextlib.chdir(FLARE_DIR):
+        for site in sites:
+            job.to(ScriptRunner(script=CLIENT_SCRIPT, script_args=_client_args(spec, bundle_root, site)), site)
+    job.set_app_packages(["monai_fl_ext"])
+    return job
+
+
+def _record_spec(spec: FederatedJobSpec) -> None:
+    from monai_fl_ext.io import atomic_write_json
+
+    atomic_write_json(Path(spec.output_dir) / "job_spec.json", asdict(spec))
+
+
+def run_simulation(spec: FederatedJobSpec, workspace: str | os.PathLike | None = None) -> Path:
+    """Run the job in FLARE's simulator (server thread, one process per site) and return the server output folder."""
+    job = build_job(spec)
+    _record_spec(spec)
+    workspace = Path(workspace or Path(spec.output_dir) / "flare_workspace").resolve()
+    with contextlib.chdir(FLARE_DIR):
+        job.simulator_run(str(workspace), clients=spec.sites(), threads=len(spec.sites()), log_config="concise")
+    return Path(spec.output_dir) / "server"
+
+
+def export_job(spec: FederatedJobSpec, job_root: str | os.PathLike) -> Path:
+    """Write the job folder that ``nvflare job submit`` and ``nvflare simulator`` accept; returns its path."""
+    job = build_job(spec)
+    with contextlib.chdir(FLARE_DIR):
+        job.export_job(str(Path(job_root).resolve()))
+    return Path(job_root) / spec.name

@@ -1,0 +1,68 @@
+"""Plots and markdown a person would rather look at than read: drift, convergence, FL vs central."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from monai_fl_ext.io import atomic_write_bytes
+
+
+def save_figure(fig: Figure, path: str | os.PathLike) -> None:
+    """Write a matplotlib figure as PNG atomically, without the variable Software metadata."""
+    import io
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None}, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_drift(history: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Update norm per site over rounds, mean pairwise cosine over rounds, and the last round's cosine heatmap."""
+    rounds = [r for r in history["rounds"] if r.get("aggregated")]
+    if not rounds:
+        return
+    fig = Figure(figsize=(13, 3.8))
+    ax_norm, ax_cos, ax_heat = fig.subplots(1, 3)
+    sites = sorted({s for r in rounds for s in r["update_norm"]})
+    for site in sites:
+        pts = [(r["round"], r["update_norm"][site]) for r in rounds if site in r["update_norm"]]
+        ax_norm.plot(*zip(*pts), marker="o", label=site)
+    ax_norm.set(title="update L2 norm", xlabel="round")
+    ax_norm.legend(fontsize=7)
+    mean_cos = []
+    for r in rounds:
+        c = np.asarray(r["cosine"])
+        off = c[~np.eye(len(c), dtype=bool)]
+        mean_cos.append((r["round"], float(off.mean()) if off.size else 1.0))
+    ax_cos.plot(*zip(*mean_cos), marker="o")
+    ax_cos.set(title="mean pairwise cosine of updates", xlabel="round", ylim=(-1, 1))
+    last = rounds[-1]
+    im = ax_heat.imshow(np.asarray(last["cosine"]), vmin=-1, vmax=1, cmap="coolwarm")
+    ax_heat.set_xticks(range(len(last["sites"])), last["sites"], rotation=45, fontsize=7)
+    ax_heat.set_yticks(range(len(last["sites"])), last["sites"], fontsize=7)
+    ax_heat.set_title(f"cosine, round {last['round']}")
+    fig.colorbar(im, ax=ax_heat)
+    save_figure(fig, path)
+
+
+def plot_convergence(curves: Mapping[str, Sequence[tuple[float, float]]], central: float | None, path: str | os.PathLike,
+                     ylabel: str = "validation macro AUC") -> None:
+    """Validation metric per round (or per epoch-equivalent) for each run, with the central test AUC as a line."""
+    fig = Figure(figsize=(6.5, 4))
+    ax = fig.subplots()
+    for name, pts in curves.items():
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=name)
+    if central is not None:
+        ax.axhline(central, color="k", linestyle="--", label="central (test)")
+    ax.set(xlabel="epochs of local training (rounds x local epochs)", ylabel=ylabel, title="federated vs central")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)
