@@ -112,17 +112,16 @@ class ScaffoldTerm(LocalTerm):
         return get_lr_values(self.trainer.optimizer)[0]
 
     def _correct(self, engine: Any) -> None:
-        c_global, c_local = self.helper.get_params()
-        self.helper.model_update(self.trainer.network, self._lr(), c_global, c_local)
+        self.helper.model_update(self.trainer.network, self._lr(), *self._controls)
 
     def start_round(self, global_weights: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
         if SCAFFOLD_CTRL_GLOBAL in meta:
             self.helper.load_global_controls({k: torch.as_tensor(np.asarray(v)) for k, v in meta[SCAFFOLD_CTRL_GLOBAL].items()})
         self._global_network = frozen_copy(self.trainer.network, global_weights)
+        self._controls = self.helper.get_params()  # also resets the helper's step count: once per round
 
     def end_round(self) -> dict[str, Any]:
-        c_global, c_local = self.helper.get_params()
-        self.helper.terms_update(self.trainer.network, self._lr(), c_global, c_local, self._global_network)
+        self.helper.terms_update(self.trainer.network, self._lr(), *self._controls, self._global_network)
         return {SCAFFOLD_CTRL_DIFF: {k: np.asarray(v) for k, v in self.helper.get_delta_controls().items()}}
 
 

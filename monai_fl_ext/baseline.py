@@ -76,6 +76,7 @@ def run_central(
         "checkpoint": str(checkpoint),
         "best_val_auc": finite_or_none(evaluator.state.best_metric) if evaluator is not None else None,
         "best_val_epoch": int(evaluator.state.best_metric_epoch) if evaluator is not None else None,
+        "validation_history": workflow.validation_history,
         "test": evaluation["pooled"],
         "per_site_test": evaluation["per_site"],
         "train_seconds": round(train_seconds, 1),

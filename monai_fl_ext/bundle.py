@@ -60,7 +60,8 @@ def train_bundle(bundle_root: Path, overrides: Mapping[str, Any], progress: bool
         verbose: apply the bundle's ``logging.conf`` (per-iteration logs); otherwise the caller's logging stays.
 
     Returns:
-        The finished ``ConfigWorkflow`` (its trainer and evaluator hold the final state).
+        The finished ``ConfigWorkflow`` (its trainer and evaluator hold the final state); its
+        ``validation_history`` lists the scalar validation metrics of every epoch.
 
     Raises:
         InputError: the bundle misses properties MONAI's train workflow requires.
@@ -78,6 +79,16 @@ def train_bundle(bundle_root: Path, overrides: Mapping[str, Any], progress: bool
     missing = workflow.check_properties()
     if missing:
         raise InputError(f"bundle {bundle_root}: missing required properties {missing}")
+    history: list[dict[str, Any]] = []
+    if workflow.evaluator is not None:  # per-epoch validation metrics, for convergence plots
+        from ignite.engine import Events
+
+        workflow.evaluator.add_event_handler(
+            Events.EPOCH_COMPLETED,
+            lambda e: history.append({"epoch": int(workflow.trainer.state.epoch), **{
+                k: float(v) for k, v in e.state.metrics.items() if isinstance(v, (int, float))}}),
+        )
+    workflow.validation_history = history
     if progress:
         from ignite.handlers import ProgressBar
 

@@ -88,17 +88,69 @@ def cmd_central(args: argparse.Namespace) -> None:
                  "report": str(Path(args.out) / "central_report.json")})
 
 
+def _site_weight(text: str) -> tuple[str, float]:
+    site, _, weight = text.partition("=")
+    try:
+        return site, float(weight)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"site weight '{text}' must look like site-3=2.0") from None
+
+
+def _job_spec(args: argparse.Namespace, algorithm: str | None = None):
+    from monai_fl_ext.flare.job import FederatedJobSpec
+
+    return FederatedJobSpec(
+        bundle=args.bundle, dataset_dir=args.dataset_dir, partition_dir=args.partition, output_dir=args.out,
+        algorithm=algorithm or args.algorithm, num_rounds=args.rounds, local_epochs=args.local_epochs,
+        min_clients=args.min_clients, fedprox_mu=args.mu, server_optimizer=args.server_opt, server_lr=args.server_lr,
+        weighting=args.weighting, site_weights=dict(args.site_weight), train_timeout=args.timeout,
+        wait_time_after_min_received=args.wait, overrides=dict(args.override), cross_site_eval=not args.no_cross_site,
+        name=args.name,
+    )
+
+
+def _print_fl(report: dict) -> None:
+    print(f"\n=== federated {report['algorithm']} ({report['mode']}): {report['status']} ===")
+    for r in report["rounds"]:
+        failed = f"  left out: {r['sites_failed']}" if r["sites_failed"] else ""
+        print(f"round {r['round']}: sites {r['sites_ok']} global val AUC {r['global_metrics'].get('val_auc')}{failed}")
+    print(f"test macro AUC of the global model: {report['test']['macro_auc']}")
+    for site, r in report["per_site_test"].items():
+        print(f"  {site}: {r['macro_auc']}")
+
+
+def cmd_federated(args: argparse.Namespace) -> None:
+    spec = _job_spec(args)
+    if args.mode == "export":
+        from monai_fl_ext.flare.job import export_job
+
+        path = export_job(spec, args.export_dir or Path(args.out) / "job")
+        print(f"exported {path}\nrun it with:  nvflare simulator -w /tmp/ws -c {','.join(spec.sites())} -t {len(spec.sites())} {path}"
+              f"\nor submit it: nvflare job submit -j {path}")
+        return
+    from monai_fl_ext.federated import run_federated
+
+    _print_fl(run_federated(spec, args.datalist, mode=args.mode))
+    print(f"report: {Path(args.out) / 'fl_report.json'}; TensorBoard: {Path(args.out) / 'server' / 'tensorboard'}")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from monai_fl_ext.federated import compare_markdown, run_compare
+
+    summary = run_compare(_job_spec(args, "fedavg"), args.datalist, args.algorithms.split(","), progress=not args.quiet)
+    print(compare_markdown(summary))
+    print(f"written: {Path(args.out) / 'compare.md'}, compare.json, convergence.png")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from monai_fl_ext.demo import run_demo
+    from monai_fl_ext.federated import compare_markdown
 
-    report = run_demo(args.workdir, num_patients=args.patients, image_size=args.image_size, epochs=args.epochs,
-                      num_sites=args.sites, alpha=args.alpha, seed=args.seed, progress=not args.quiet,
-                      partitions_root=args.partitions_root)
-    print("\n=== central baseline (synthetic ChestX-ray14, 3 hospitals) ===")
-    print(f"test macro AUC: {report['test']['macro_auc']:.4f}  (n={report['test']['n']}, best val AUC {report['best_val_auc']:.4f})")
-    for site, r in report["per_site_test"].items():
-        print(f"  {site}: test macro AUC {r['macro_auc']:.4f} (n={r['n']})")
-    print(f"report: {Path(args.workdir) / 'central' / 'central_report.json'}")
+    summary = run_demo(args.workdir, num_patients=args.patients, image_size=args.image_size, rounds=args.rounds,
+                       local_epochs=args.local_epochs, algorithms=args.algorithms.split(","), num_sites=args.sites,
+                       alpha=args.alpha, seed=args.seed, progress=not args.quiet, partitions_root=args.partitions_root)
+    print("\n" + compare_markdown(summary))
+    print(f"outputs: {Path(args.workdir) / 'runs'} (compare.md, convergence.png, central/, <algorithm>/server/)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,11 +211,47 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bundle config override, value as JSON, e.g. --override spatial_size=[128,128]")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    p = add("demo", cmd_demo, "Main job on synthetic data: generate, partition into 3 hospitals, train the central baseline, print AUCs.")
-    p.add_argument("--workdir", default="workspace/demo", help="where data, partition and runs go")
+    def add_federated_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--bundle", default="chest_xray_classification", help="bundle name under bundles/ or a path")
+        p.add_argument("--dataset-dir", required=True, help="folder the datalists' image paths are relative to")
+        p.add_argument("--datalist", required=True, help="pooled datalist (its test split is the pooled test set)")
+        p.add_argument("--partition", required=True, help="partition folder; its sites are the job's sites")
+        p.add_argument("--out", required=True, help="run folder (server history, TensorBoard, plots, checkpoints, site outputs)")
+        p.add_argument("--rounds", type=int, default=8, help="federated rounds")
+        p.add_argument("--local-epochs", type=int, default=1, help="local epochs per round")
+        p.add_argument("--min-clients", type=int, help="fewest sites a round needs (default: all)")
+        p.add_argument("--mu", type=float, default=0.01, help="FedProx proximal weight")
+        p.add_argument("--server-opt", choices=["sgd", "adam"], default="sgd", help="FedOpt server optimizer")
+        p.add_argument("--server-lr", type=float, default=1.0, help="FedOpt server learning rate")
+        p.add_argument("--weighting", choices=["steps", "samples", "uniform"], default="steps", help="aggregation weights")
+        p.add_argument("--site-weight", type=_site_weight, action="append", default=[], metavar="SITE=W",
+                       help="explicit multiplier, e.g. --site-weight site-3=2.0 to up-weight a minority hospital")
+        p.add_argument("--timeout", type=float, default=0, help="hard cap on a round in seconds (0: none)")
+        p.add_argument("--wait", type=float, default=30, help="seconds to wait for the rest once min-clients answered")
+        p.add_argument("--override", type=_parse_override, action="append", default=[], metavar="KEY=VALUE",
+                       help="bundle config override for every site, value as JSON")
+        p.add_argument("--no-cross-site", action="store_true", help="skip the final cross-site evaluation")
+        p.add_argument("--name", default="monai_fl_ext", help="FLARE job name")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = add("federated", cmd_federated, "Train a bundle across the partition's sites under NVIDIA FLARE and report the global model's test AUC.")
+    add_federated_args(p)
+    p.add_argument("--algorithm", choices=["fedavg", "fedprox", "scaffold", "fedopt"], default="fedavg")
+    p.add_argument("--mode", choices=["sim", "poc", "export"], default="sim",
+                   help="sim: FLARE simulator; poc: real server/client processes over TLS on loopback; export: write a job folder")
+    p.add_argument("--export-dir", help="with --mode export: where the job folder goes (default OUT/job)")
+
+    p = add("compare", cmd_compare, "Central baseline vs federated algorithms on the same partition and total epochs: markdown table + convergence plot.")
+    add_federated_args(p)
+    p.add_argument("--algorithms", default="fedavg,fedprox,scaffold", help="comma-separated algorithms to run")
+
+    p = add("demo", cmd_demo, "Main job on synthetic data: generate, partition into 3 hospitals, train central and federated (FLARE simulator), print both AUCs.")
+    p.add_argument("--workdir", default="workspace/demo", help="where data and runs go")
     p.add_argument("--patients", type=int, default=500)
     p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=8, help="federated rounds (central trains rounds x local epochs)")
+    p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--algorithms", default="fedavg", help="comma-separated: fedavg,fedprox,scaffold,fedopt")
     p.add_argument("--sites", type=int, default=3)
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label-skew concentration")
     p.add_argument("--seed", type=int, default=0)

@@ -135,23 +135,26 @@ def build_job(spec: FederatedJobSpec):
         wait_time_after_min_received=spec.wait_time_after_min_received, cross_site_eval=spec.cross_site_eval,
         output_dir=str((Path(spec.output_dir) / "server").resolve()),
     ))
+    # The spec travels with the job as a record, in the server app's custom/ folder. That folder makes the
+    # server app "bring your own code", which FLARE's class allow-list exempts (POC); a production site that
+    # forbids BYOC lists "monai_fl_ext." in class_allow_list of its resources.json instead.
+    job.to_server(str(_record_spec(spec)))
     with contextlib.chdir(FLARE_DIR):
         for site in sites:
             job.to(ScriptRunner(script=CLIENT_SCRIPT, script_args=_client_args(spec, bundle_root, site)), site)
-    job.set_app_packages(["monai_fl_ext"])
+    job.set_app_packages(["monai_fl_ext"])  # installed at every site; never copied into custom/
     return job
 
 
-def _record_spec(spec: FederatedJobSpec) -> None:
+def _record_spec(spec: FederatedJobSpec) -> Path:
     from monai_fl_ext.io import atomic_write_json
 
-    atomic_write_json(Path(spec.output_dir) / "job_spec.json", asdict(spec))
+    return atomic_write_json((Path(spec.output_dir) / "job_spec.json").resolve(), asdict(spec))
 
 
 def run_simulation(spec: FederatedJobSpec, workspace: str | os.PathLike | None = None) -> Path:
     """Run the job in FLARE's simulator (server thread, one process per site) and return the server output folder."""
     job = build_job(spec)
-    _record_spec(spec)
     workspace = Path(workspace or Path(spec.output_dir) / "flare_workspace").resolve()
     with contextlib.chdir(FLARE_DIR):
         job.simulator_run(str(workspace), clients=spec.sites(), threads=len(spec.sites()), log_config="concise")
@@ -164,3 +167,50 @@ def export_job(spec: FederatedJobSpec, job_root: str | os.PathLike) -> Path:
     with contextlib.chdir(FLARE_DIR):
         job.export_job(str(Path(job_root).resolve()))
     return Path(job_root) / spec.name
+
+
+def run_poc(spec: FederatedJobSpec, timeout: float = 1800, keep_workspace: bool = False) -> Path:
+    """Run the job in FLARE's POC mode: a provisioned server and one process per site over TLS on loopback.
+
+    The POC workspace lives under ``output_dir/poc_workspace``; the services are stopped and the
+    workspace removed (unless ``keep_workspace``, for its logs) when the job ends or fails, so no
+    process is left behind.
+
+    Returns:
+        The server output folder.
+
+    Raises:
+        RuntimeError: the job did not finish with status ``FINISHED:COMPLETED``.
+    """
+    from nvflare.recipe import PocEnv
+    from nvflare.recipe.spec import Recipe
+
+    class _JobRecipe(Recipe):
+        """FLARE's Recipe API around a job we built ourselves (Recipe has no abstract methods)."""
+
+    job = build_job(spec)
+    poc_root = (Path(spec.output_dir) / "poc_workspace").resolve()
+    storage = [Path("/tmp/nvflare") / d for d in ("jobs-storage", "snapshot-storage")]
+    preexisting = {p for p in storage if p.exists()}
+    old_env = os.environ.get("NVFLARE_POC_WORKSPACE")
+    os.environ["NVFLARE_POC_WORKSPACE"] = str(poc_root)
+    env = PocEnv(num_clients=len(spec.sites()), clients=spec.sites())
+    status = None
+    try:
+        with contextlib.chdir(FLARE_DIR):
+            run = _JobRecipe(job).execute(env)
+        run.get_result(timeout=timeout, clean_up=not keep_workspace)
+        status = run.get_status()
+    finally:
+        with contextlib.suppress(Exception):
+            env.stop(clean_up=not keep_workspace)
+        for path in storage:  # FLARE's job store outside the POC workspace
+            if path not in preexisting:
+                shutil.rmtree(path, ignore_errors=True)
+        if old_env is None:
+            os.environ.pop("NVFLARE_POC_WORKSPACE", None)
+        else:
+            os.environ["NVFLARE_POC_WORKSPACE"] = old_env
+    if status is None or "COMPLETED" not in str(status):
+        raise RuntimeError(f"POC job {spec.name} ended with status {status}")
+    return Path(spec.output_dir) / "server"

@@ -1,0 +1,120 @@
+"""Federated runs end to end: run the FLARE job, evaluate its global model on the test sets, compare with central."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from monai_fl_ext.baseline import run_central
+from monai_fl_ext.bundle import resolve_bundle, run_overrides
+from monai_fl_ext.data.datalist import read_datalist
+from monai_fl_ext.evaluation import evaluate_checkpoint
+from monai_fl_ext.io import atomic_write_json, atomic_write_text, read_json
+from monai_fl_ext.reporting import plot_convergence
+
+FL_REPORT = "fl_report.json"
+MODES = ("sim", "poc")
+
+
+def run_federated(spec: Any, datalist: str | os.PathLike, mode: str = "sim") -> dict[str, Any]:
+    """Run ``spec`` (a :class:`~monai_fl_ext.flare.job.FederatedJobSpec`) and report the global model's test AUC.
+
+    Args:
+        spec: the job.
+        datalist: pooled datalist (its test split is the pooled test set).
+        mode: ``sim`` (FLARE simulator) or ``poc`` (real processes over TLS on loopback).
+
+    Returns:
+        The report written to ``spec.output_dir/fl_report.json``: test macro/per-label AUC of the
+        best global model, pooled and per site, the round history summary and the cross-site matrix.
+    """
+    from monai_fl_ext.flare.job import run_poc, run_simulation
+
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    server_dir = run_simulation(spec) if mode == "sim" else run_poc(spec)
+    history = read_json(server_dir / "history.json")
+    models = server_dir / "models"
+    checkpoint = models / "best_global_model.pt" if (models / "best_global_model.pt").exists() else models / "final_global_model.pt"
+    bundle_root = resolve_bundle(spec.bundle)
+    overrides = run_overrides(bundle_root, spec.dataset_dir, datalist, Path(spec.output_dir) / "eval_run", **spec.overrides)
+    evaluation = evaluate_checkpoint(bundle_root, checkpoint, overrides, read_datalist(datalist)["labels"], "test", Path(spec.partition_dir))
+    report = {
+        "task": "federated",
+        "mode": mode,
+        "algorithm": spec.algorithm,
+        "num_rounds": spec.num_rounds,
+        "local_epochs": spec.local_epochs,
+        "status": history["status"],
+        "checkpoint": str(checkpoint),
+        "test": evaluation["pooled"],
+        "per_site_test": evaluation["per_site"],
+        "rounds": [{k: r.get(k) for k in ("round", "sites_ok", "sites_failed", "weights", "global_metrics", "update_norm", "payload_bytes", "seconds")}
+                   for r in history["rounds"]],
+        "final_validation": history.get("final"),
+        "cross_site": history.get("cross_site"),
+        "server_outputs": str(server_dir),
+    }
+    atomic_write_json(Path(spec.output_dir) / FL_REPORT, report)
+    return report
+
+
+def validation_curve(report: dict[str, Any], key: str = "val_auc") -> list[tuple[float, float]]:
+    """(epochs of training, global validation metric) points of a federated report."""
+    pts = [(r["round"] * report["local_epochs"], r["global_metrics"].get(key)) for r in report["rounds"] if r["global_metrics"]]
+    final = (report.get("final_validation") or {}).get("global_metrics", {}).get(key)
+    pts.append((report["num_rounds"] * report["local_epochs"], final))
+    return [(x, y) for x, y in pts if y is not None and x > 0]
+
+
+def run_compare(spec: Any, datalist: str | os.PathLike, algorithms: list[str], progress: bool = True) -> dict[str, Any]:
+    """Central baseline and one federated run per algorithm on the same partition and total local epochs.
+
+    Writes ``compare.json``, ``compare.md`` and ``convergence.png`` under ``spec.output_dir``.
+    """
+    out = Path(spec.output_dir)
+    epochs = spec.num_rounds * spec.local_epochs
+    central = run_central(spec.bundle, spec.dataset_dir, datalist, out / "central", epochs=epochs,
+                          partition_dir=spec.partition_dir, overrides=spec.overrides, progress=progress)
+    runs = {alg: run_federated(replace(spec, algorithm=alg, output_dir=str(out / alg), name=f"{spec.name}_{alg}"), datalist)
+            for alg in algorithms}
+    central_auc = central["test"]["macro_auc"]
+    summary = {
+        "epochs": epochs,
+        "central_test_macro_auc": central_auc,
+        "federated": {alg: {"test_macro_auc": r["test"]["macro_auc"],
+                            "ratio_to_central": (r["test"]["macro_auc"] / central_auc) if central_auc else None,
+                            "per_site_test_macro_auc": {s: v["macro_auc"] for s, v in r["per_site_test"].items()},
+                            "status": r["status"]} for alg, r in runs.items()},
+        "central_per_site_test_macro_auc": {s: v["macro_auc"] for s, v in central["per_site_test"].items()},
+    }
+    best = max(runs, key=lambda a: runs[a]["test"]["macro_auc"] or 0.0) if runs else None
+    summary["best_algorithm"] = best
+    atomic_write_json(out / "compare.json", summary)
+    atomic_write_text(out / "compare.md", compare_markdown(summary))
+    curves = {f"FL {alg}": validation_curve(r) for alg, r in runs.items()}
+    curves["central (validation)"] = [(h["epoch"], h.get("val_auc")) for h in central.get("validation_history", []) if h.get("val_auc") is not None]
+    plot_convergence(curves, central_auc, out / "convergence.png")
+    return summary
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def compare_markdown(summary: dict[str, Any]) -> str:
+    """Side-by-side table of central vs federated test AUC, pooled and per site."""
+    sites = sorted(summary["central_per_site_test_macro_auc"])
+    lines = [f"# Federated vs central ({summary['epochs']} total local epochs)", "",
+             "| run | test macro AUC | ratio to central | " + " | ".join(sites) + " |",
+             "|---|---|---|" + "---|" * len(sites)]
+    lines.append(f"| central | {_fmt(summary['central_test_macro_auc'])} | 1.0000 | "
+                 + " | ".join(_fmt(summary["central_per_site_test_macro_auc"][s]) for s in sites) + " |")
+    for alg, r in summary["federated"].items():
+        lines.append(f"| FL {alg} | {_fmt(r['test_macro_auc'])} | {_fmt(r['ratio_to_central'])} | "
+                     + " | ".join(_fmt(r["per_site_test_macro_auc"].get(s)) for s in sites) + " |")
+    lines += ["", f"Best federated algorithm: **{summary['best_algorithm']}**.", "", "![convergence](convergence.png)", ""]
+    return "\n".join(lines)
