@@ -57,8 +57,12 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def result_markdown(result: Mapping[str, Any], level: int = 1) -> str:
-    """Markdown of one benchmark result: description, command, summary, table(s), notes, environment."""
+def result_markdown(result: Mapping[str, Any], level: int = 1, figure_dir: str = "") -> str:
+    """Markdown of one benchmark result: description, command, summary, table(s), figures, notes, environment.
+
+    ``figure_dir`` is the results folder relative to where the markdown goes ("" beside the results):
+    figures (``result["figures"]``: title -> file name in the results folder) are linked through it.
+    """
     h = "#" * level
     env = result.get("environment", {})
     parts = [
@@ -74,6 +78,9 @@ def result_markdown(result: Mapping[str, Any], level: int = 1) -> str:
     parts.append(f"{h}# Results\n\n" + markdown_table(result.get("rows", [])))
     for title, rows in result.get("tables", {}).items():
         parts.append(f"{h}# {title}\n\n" + markdown_table(rows))
+    for title, file in result.get("figures", {}).items():
+        link = f"{figure_dir.rstrip('/')}/{file}" if figure_dir else file
+        parts.append(f"{h}# {title}\n\n![{title}]({link})\n")
     notes = result.get("notes", [])
     if notes:
         parts.append("\n".join(f"- {n}" for n in notes) + "\n")
@@ -90,9 +97,9 @@ def result_markdown(result: Mapping[str, Any], level: int = 1) -> str:
     return "\n".join(parts)
 
 
-def docs_markdown(results: Iterable[Mapping[str, Any]]) -> str:
-    """``docs/benchmarks.md``: the intro, then one section per result."""
-    sections = [result_markdown(r, level=2) for r in results]
+def docs_markdown(results: Iterable[Mapping[str, Any]], figure_dir: str = "") -> str:
+    """``docs/benchmarks.md``: the intro, then one section per result (figures linked through ``figure_dir``)."""
+    sections = [result_markdown(r, level=2, figure_dir=figure_dir) for r in results]
     if not sections:
         sections = ["_No results yet: run `python -m benchmarks.run all`._\n"]
     return DOCS_INTRO + "\n" + "\n".join(sections)

@@ -10,6 +10,7 @@ holds ``name``, ``description``, ``command`` (the exact command reproducing it),
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import traceback
@@ -17,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import central_auc, central_training, data_pipeline
+from benchmarks import central_auc, central_training, data_pipeline, fl_overhead, fl_vs_central
 from benchmarks.common import REPO
 from benchmarks.report import docs_markdown, result_markdown
 
@@ -25,11 +26,15 @@ REGISTRY: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     data_pipeline.NAME: data_pipeline.run,
     central_training.NAME: central_training.run,
     central_auc.NAME: central_auc.run,
+    fl_vs_central.NAME: fl_vs_central.run,
+    fl_overhead.NAME: fl_overhead.run,
 }
 SUMMARIES = {
     data_pipeline.NAME: "images/s through the bundle's transforms: uncached vs cached vs cached+random, 64 and 224 px (~1-3 min)",
     central_training.NAME: "ResNet-18 train-step throughput by size (64/224), norm (batch/group), stem stride (2/1) (~2-4 min)",
     central_auc.NAME: "central baseline test macro/per-label/per-site AUC on the 500-patient synthetic demo cohort (~3-10 min)",
+    fl_vs_central.NAME: "FL (fedavg, fedprox, scaffold; 3 Dirichlet hospitals, 8 rounds) vs central test macro AUC, target ratio >= 0.98 (~20-35 min)",
+    fl_overhead.NAME: "FLARE simulation vs the same one-site training without FLARE, interleaved: wall-time ratio, target <= 1.15 (~10-15 min)",
 }
 REQUIRED_KEYS = ("name", "description", "command", "environment", "params", "rows", "summary")
 DEFAULT_OUT = REPO / "benchmarks" / "results"
@@ -49,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"benchmarks:\n{listing}\n\nexamples:\n"
         "  python -m benchmarks.run data_pipeline central_training\n"
         "  python -m benchmarks.run central_auc --epochs 8\n"
+        "  python -m benchmarks.run fl_vs_central --algorithms fedavg,scaffold --rounds 8\n"
+        "  python -m benchmarks.run fl_overhead --quick --out /tmp/bench\n"
         "  python -m benchmarks.run all --quick --out /tmp/bench\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -58,17 +65,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--docs", type=Path, default=DEFAULT_DOCS, help="markdown page regenerated from OUT (default: docs/benchmarks.md)")
     parser.add_argument("--no-docs", action="store_true", help="do not regenerate the docs page")
     parser.add_argument("--quick", action="store_true", help="smoke-test sizes: tiny cohorts, fewer repetitions (results marked quick)")
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads before running (default: torch's own choice)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads before running (default: torch's own choice); fl_overhead: both variants' threads (default 1)")
     timing = parser.add_argument_group("timing benchmarks (data_pipeline, central_training)")
-    timing.add_argument("--repeats", type=int, help="timed rounds (default 3; quick: 2)")
+    timing.add_argument("--repeats", type=int, help="timed rounds (default 3, fl_overhead 2; quick: 2, fl_overhead 1)")
     timing.add_argument("--sizes", type=int, nargs="+", help="central_training image sizes (default 64 224; quick: 64)")
     timing.add_argument("--norms", nargs="+", choices=("batch", "group", "instance"), help="central_training norms (default batch group)")
     timing.add_argument("--strides", type=int, nargs="+", help="central_training stem strides (default 2 1)")
     timing.add_argument("--all-configs", action="store_true", help="central_training: also time 224 px with stem stride 1 (minutes per step on a small CPU)")
     timing.add_argument("--batch-size", type=int, help="central_training batch size (default 32, the bundle's)")
     quality = parser.add_argument_group("data size / training (data_pipeline, central_auc)")
-    quality.add_argument("--patients", type=int, help="synthetic patients (default 150 data_pipeline, 500 central_auc; quick: 30 / 120)")
+    quality.add_argument("--patients", type=int, help="synthetic patients (default 150 data_pipeline, 500 central_auc and fl_*; quick: 30 / 120 / 60)")
     quality.add_argument("--epochs", type=int, help="central_auc training epochs (default 8; quick: 1)")
+    fl = parser.add_argument_group("federated (fl_vs_central, fl_overhead)")
+    fl.add_argument("--rounds", type=int, help="federated rounds (default 8 fl_vs_central, 3 fl_overhead; quick: 2 / 1)")
+    fl.add_argument("--local-epochs", type=int, help="local epochs per round (default 1 fl_vs_central, 2 fl_overhead; quick: 1)")
+    fl.add_argument("--algorithms", help="fl_vs_central: comma-separated algorithms (default fedavg,fedprox,scaffold; quick: fedavg)")
+    fl.add_argument("--image-size", type=int, help="synthetic image and spatial size in px (default 64; quick: 32)")
+    fl.add_argument("--workdir", type=Path, help="keep the cohort and the runs' outputs under WORKDIR/NAME (default: a temporary folder)")
     return parser
 
 
@@ -92,7 +105,8 @@ def write_docs(out: Path, docs: Path) -> Path:
     results = [read_json(p) for p in sorted(out.glob("*.json"))]
     results = [r for r in results if isinstance(r, dict) and all(k in r for k in REQUIRED_KEYS)]
     results.sort(key=lambda r: (order.get(r["name"], len(order)), r["name"]))
-    return atomic_write_text(docs, docs_markdown(results))
+    figure_dir = Path(os.path.relpath(out.resolve(), docs.resolve().parent)).as_posix()
+    return atomic_write_text(docs, docs_markdown(results, figure_dir=figure_dir))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

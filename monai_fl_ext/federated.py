@@ -46,13 +46,14 @@ def run_federated(spec: Any, datalist: str | os.PathLike, mode: str = "sim") -> 
         "task": "federated",
         "mode": mode,
         "algorithm": spec.algorithm,
+        "quantization": spec.quantization,
         "num_rounds": spec.num_rounds,
         "local_epochs": spec.local_epochs,
         "status": history["status"],
         "checkpoint": str(checkpoint),
         "test": evaluation["pooled"],
         "per_site_test": evaluation["per_site"],
-        "rounds": [{k: r.get(k) for k in ("round", "sites_ok", "sites_failed", "weights", "global_metrics", "update_norm", "payload_bytes", "seconds")}
+        "rounds": [{k: r.get(k) for k in ("round", "sites_ok", "sites_failed", "weights", "global_metrics", "update_norm", "payload_bytes", "wire_bytes", "seconds")}
                    for r in history["rounds"]],
         "final_validation": history.get("final"),
         "cross_site": history.get("cross_site"),

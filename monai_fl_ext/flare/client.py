@@ -41,6 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--algorithm", choices=ALGORITHMS, default="fedavg")
     p.add_argument("--fedprox-mu", type=float, default=0.01)
     p.add_argument("--override", action="append", default=[], metavar="KEY=JSON", help="bundle config override")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads at this site (0: torch's default)")
     p.add_argument("--fail-rounds", default="", help="fault injection for tests: comma-separated rounds that raise")
     p.add_argument("--delay", type=float, default=0.0, help="fault injection: seconds to sleep before training")
     return p.parse_args(argv)
@@ -101,6 +102,8 @@ def train_round(algo: FederatedBundleAlgo, model: FLModel) -> FLModel:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.threads > 0:  # simulated sites share one machine: oversubscribed threads slow every site down
+        torch.set_num_threads(args.threads)
     flare.init()
     site = flare.get_site_name()
     fail_rounds = {int(r) for r in args.fail_rounds.split(",") if r.strip()}

@@ -228,6 +228,7 @@ class FederatedBundleController(BaseFedAvg):
             "steps": {r.meta["client_name"]: int(r.meta.get(NUM_STEPS, 0)) for r in ok},
             "samples": {r.meta["client_name"]: int(r.meta.get("num_samples", 0)) for r in ok},
             "payload_bytes": {r.meta["client_name"]: int(r.meta.get("payload_bytes", 0)) for r in ok},
+            "wire_bytes": {r.meta["client_name"]: int(r.meta.get("wire_bytes", r.meta.get("payload_bytes", 0))) for r in ok},
             "site_metrics": site_metrics,
             "per_label": {r.meta["client_name"]: r.meta.get("per_label", {}) for r in ok},
             "global_metrics": global_metrics,

@@ -21,6 +21,7 @@ from monai_fl_ext.bundle import resolve_bundle
 from monai_fl_ext.errors import InputError
 from monai_fl_ext.partition import load_manifest
 
+QUANTIZATIONS = ("float16", "blockwise8", "float4", "normfloat4")
 CLIENT_SCRIPT = "client.py"  # relative: FLARE then runs the copy inside the job's custom/ folder
 FLARE_DIR = Path(__file__).resolve().parent
 
@@ -46,6 +47,10 @@ class FederatedJobSpec:
         cross_site_eval: evaluate final global and local models on every site.
         fault_rounds: fault injection for tests and drills: ``{site: [rounds that raise]}``.
         site_delay: seconds a site sleeps before training (straggler drills).
+        site_threads: torch CPU threads per site; default: the machine's cores shared among the sites, since
+            simulation and POC run every site on this machine (set it to 0 for torch's default at real sites).
+        quantization: FLARE's update quantisation both ways (``float16``, ``blockwise8``, ``float4``,
+            ``normfloat4``); None sends float32.
         name: job name.
     """
 
@@ -69,6 +74,8 @@ class FederatedJobSpec:
     cross_site_eval: bool = True
     fault_rounds: dict[str, list[int]] = field(default_factory=dict)
     site_delay: dict[str, float] = field(default_factory=dict)
+    site_threads: int | None = None
+    quantization: str | None = None
     name: str = "monai_fl_ext"
 
     def sites(self) -> list[str]:
@@ -92,11 +99,13 @@ class FederatedJobSpec:
         bad = {s: w for s, w in self.site_weights.items() if not w > 0}
         if bad:
             raise InputError(f"site_weights must be positive, got {bad}")
+        if self.quantization not in (None, *QUANTIZATIONS):
+            raise InputError(f"quantization must be one of {QUANTIZATIONS} or None, got {self.quantization!r}")
         if not Path(self.dataset_dir).is_dir():
             raise InputError(f"dataset_dir {self.dataset_dir} is not a folder")
 
 
-def _client_args(spec: FederatedJobSpec, bundle_root: Path, site: str) -> str:
+def _client_args(spec: FederatedJobSpec, bundle_root: Path, site: str, shared_machine: bool) -> str:
     args = ["--bundle", str(bundle_root), "--dataset-dir", str(Path(spec.dataset_dir).resolve()),
             "--datalist", str((Path(spec.partition_dir) / f"{site}.json").resolve()),
             "--run-dir", str((Path(spec.output_dir) / "sites" / site).resolve()),
@@ -105,6 +114,11 @@ def _client_args(spec: FederatedJobSpec, bundle_root: Path, site: str) -> str:
         args += ["--override", f"{key}={json.dumps(value, separators=(',', ':'))}"]
     if spec.fault_rounds.get(site):
         args += ["--fail-rounds", ",".join(map(str, spec.fault_rounds[site]))]
+    threads = spec.site_threads
+    if threads is None:
+        threads = max(1, (os.cpu_count() or 1) // len(spec.sites())) if shared_machine else 0
+    if threads:
+        args += ["--threads", str(threads)]
     if spec.site_delay.get(site):
         args += ["--delay", str(spec.site_delay[site])]
     spaced = [a for a in args if any(c.isspace() for c in a)]
@@ -113,21 +127,27 @@ def _client_args(spec: FederatedJobSpec, bundle_root: Path, site: str) -> str:
     return " ".join(args)
 
 
-def build_job(spec: FederatedJobSpec):
-    """The FLARE job (a ``BaseFedJob``) for ``spec``; see :func:`run_simulation`, :func:`run_poc`, :func:`export_job`."""
+def build_job(spec: FederatedJobSpec, shared_machine: bool = True):
+    """The FLARE job (a ``BaseFedJob``) for ``spec``; see :func:`run_simulation`, :func:`run_poc`, :func:`export_job`.
+
+    Args:
+        spec: the job.
+        shared_machine: every site runs on this machine (simulation, POC), so CPU threads are shared out.
+    """
     from nvflare.app_opt.pt.job_config.base_fed_job import BaseFedJob
     from nvflare.app_opt.pt.job_config.model import PTModel
     from nvflare.job_config.script_runner import ScriptRunner
 
     from monai_fl_ext.flare.controller import FederatedBundleController
+    from monai_fl_ext.flare.network import BundleModelPersistor, bundle_model_spec
 
     spec.validate()
     bundle_root = resolve_bundle(spec.bundle)
     sites = spec.sites()
     min_clients = spec.min_clients or len(sites)
     job = BaseFedJob(name=spec.name, min_clients=min_clients)
-    job.to_server(PTModel(model={"path": "monai_fl_ext.flare.network.build_bundle_network",
-                                 "args": {"bundle_root": str(bundle_root), "overrides": dict(spec.overrides)}}))
+    job.to_server(PTModel(model=bundle_model_spec(str(bundle_root), spec.overrides),
+                          persistor=BundleModelPersistor(str(bundle_root), spec.overrides)))
     job.to_server(FederatedBundleController(
         num_rounds=spec.num_rounds, min_clients=min_clients, algorithm=spec.algorithm, fedprox_mu=spec.fedprox_mu,
         server_optimizer=spec.server_optimizer, server_lr=spec.server_lr, server_momentum=spec.server_momentum,
@@ -141,9 +161,27 @@ def build_job(spec: FederatedJobSpec):
     job.to_server(str(_record_spec(spec)))
     with contextlib.chdir(FLARE_DIR):
         for site in sites:
-            job.to(ScriptRunner(script=CLIENT_SCRIPT, script_args=_client_args(spec, bundle_root, site)), site)
+            job.to(ScriptRunner(script=CLIENT_SCRIPT, script_args=_client_args(spec, bundle_root, site, shared_machine)), site)
+    if spec.quantization:
+        _add_quantization(job, spec.quantization, sites)
     job.set_app_packages(["monai_fl_ext"])  # installed at every site; never copied into custom/
     return job
+
+
+def _add_quantization(job: Any, quantization: str, sites: list[str]) -> None:
+    """FLARE's quantiser on every model that leaves a party and its dequantiser where it arrives (train task)."""
+    from nvflare.app_opt.pt.quantization.dequantizer import ModelDequantizer
+    from nvflare.app_opt.pt.quantization.quantizer import ModelQuantizer
+    from nvflare.job_config.defs import FilterType
+
+    from monai_fl_ext.flare.payload import PayloadMeter
+
+    job.to_server(ModelQuantizer(quantization_type=quantization), filter_type=FilterType.TASK_DATA, tasks=["train"])
+    job.to_server(PayloadMeter(), filter_type=FilterType.TASK_RESULT, tasks=["train"])  # before dequantising: wire size
+    job.to_server(ModelDequantizer(), filter_type=FilterType.TASK_RESULT, tasks=["train"])
+    for site in sites:
+        job.to(ModelDequantizer(), site, filter_type=FilterType.TASK_DATA, tasks=["train"])
+        job.to(ModelQuantizer(quantization_type=quantization), site, filter_type=FilterType.TASK_RESULT, tasks=["train"])
 
 
 def _record_spec(spec: FederatedJobSpec) -> Path:
@@ -162,8 +200,12 @@ def run_simulation(spec: FederatedJobSpec, workspace: str | os.PathLike | None =
 
 
 def export_job(spec: FederatedJobSpec, job_root: str | os.PathLike) -> Path:
-    """Write the job folder that ``nvflare job submit`` and ``nvflare simulator`` accept; returns its path."""
-    job = build_job(spec)
+    """Write the job folder that ``nvflare job submit`` and ``nvflare simulator`` accept; returns its path.
+
+    Paths in it (bundle, dataset, datalists, outputs) are this machine's; a production deployment
+    builds the spec with each site's own paths (see docs/federated.md).
+    """
+    job = build_job(spec, shared_machine=False)
     with contextlib.chdir(FLARE_DIR):
         job.export_job(str(Path(job_root).resolve()))
     return Path(job_root) / spec.name

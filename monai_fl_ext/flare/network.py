@@ -19,3 +19,34 @@ def build_bundle_network(bundle_root: str, overrides: dict[str, Any] | None = No
     parser.read_config(os.path.join(bundle_root, "configs", "train.json"))
     parser.update({"bundle_root": bundle_root, **(overrides or {})})
     return parser.get_parsed_content(network_key)
+
+
+def bundle_model_spec(bundle_root: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """FLARE's ``{"path", "args"}`` description of :func:`build_bundle_network`."""
+    return {"path": f"{__name__}.build_bundle_network", "args": {"bundle_root": bundle_root, "overrides": dict(overrides or {})}}
+
+
+def _persistor_base():
+    from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
+
+    return PTFileModelPersistor
+
+
+class BundleModelPersistor(_persistor_base()):
+    """FLARE's ``PTFileModelPersistor`` for a bundle's network that keeps integer counters out of the exchange.
+
+    BatchNorm's ``num_batches_tracked`` is a per-site step counter: averaging it is meaningless, and
+    FLARE's quantisation filters reject integer tensors. Excluded keys stay at each site.
+
+    Args:
+        bundle_root: bundle folder.
+        overrides: bundle config overrides for the network (e.g. ``{"norm": "group"}``).
+        exclude_pattern: regular expression of state-dict keys not exchanged.
+    """
+
+    def __init__(self, bundle_root: str, overrides: dict[str, Any] | None = None, exclude_pattern: str = "num_batches_tracked") -> None:
+        super().__init__(model=bundle_model_spec(bundle_root, overrides), exclude_vars=exclude_pattern)
+        # stored under their own names (not PTFileModelPersistor's compiled pattern) so FLARE can export the job
+        self.bundle_root = bundle_root
+        self.overrides = dict(overrides or {})
+        self.exclude_pattern = exclude_pattern
