@@ -28,8 +28,10 @@ DESCRIPTION = (
     "does), then per round `evaluate` of the global weights, `train`, `get_weights` and FedAvg with one site "
     "(global += diff), and one final `evaluate`, then `finalize`; `torch.set_num_threads(T)`. Both are run "
     "--repeats times, interleaved with a rotating order (`benchmarks/timing.py`, no warm-up run; the FLARE and "
-    "MONAI modules are imported before timing). `overhead_ratio` is the median of per-round flare/plain ratios "
-    f"(target <= {TARGET_RATIO}); `fixed_cost_s` estimates FLARE's added seconds (flare - plain, per round, median)."
+    "MONAI modules are imported before timing). `overhead_ratio` is the median over repeats of the flare/plain "
+    f"ratio of two runs measured back to back (target <= {TARGET_RATIO}); `fixed_cost_s` is FLARE's added seconds "
+    "(median of flare - plain); `round_overhead_s` compares a FLARE round after the first (server timer: task "
+    "sent -> update aggregated) with a plain round (evaluate + train + get_weights + FedAvg)."
 )
 
 
@@ -87,6 +89,7 @@ def run(args: Namespace) -> dict[str, Any]:
         bundle_root = resolve_bundle(BUNDLE)
         calls = {"plain": 0, "flare": 0}
         flare_rounds: list[list[float]] = []
+        plain_parts: list[dict[str, Any]] = []
 
         def plain() -> None:
             calls["plain"] += 1
@@ -98,10 +101,13 @@ def run(args: Namespace) -> dict[str, Any]:
                 "output_dir": str(run_dir / "eval"),
                 **overrides,
             }
+            t0 = time.perf_counter()
             global_weights = {k: v.detach().clone() for k, v in build_bundle_network(str(bundle_root), dict(overrides)).state_dict().items()}
             algo = FederatedBundleAlgo(bundle_root, site_overrides, local_epochs=local_epochs)
             algo.initialize(extra={ExtraItems.CLIENT_NAME: site, ExtraItems.APP_ROOT: ""})
+            parts: dict[str, Any] = {"init_s": time.perf_counter() - t0, "rounds_s": []}
             for _ in range(rounds):
+                t0 = time.perf_counter()
                 data = ExchangeObject(weights=global_weights, weight_type=WeightType.WEIGHTS)
                 algo.evaluate(data)
                 algo.train(data, extra={"meta": {}})
@@ -109,8 +115,12 @@ def run(args: Namespace) -> dict[str, Any]:
                 algo.local_validation_metrics()
                 diff = {k: v.cpu() for k, v in update.weights.items() if k in global_weights}
                 global_weights = {k: (v + diff[k].to(v.dtype)) if k in diff else v for k, v in global_weights.items()}
+                parts["rounds_s"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
             algo.evaluate(ExchangeObject(weights=global_weights, weight_type=WeightType.WEIGHTS))
             algo.finalize()
+            parts["final_s"] = time.perf_counter() - t0
+            plain_parts.append(parts)
 
         def flare() -> None:
             calls["flare"] += 1
@@ -144,9 +154,18 @@ def run(args: Namespace) -> dict[str, Any]:
          "ratio_to_plain": sig(timings.paired_ratio(name, "plain"))}
         for name, s in timings.samples.items()
     ]
-    round_table = [{"run": f"flare_{i + 1}", **{f"round_{r}_s": sig(x, 4) for r, x in enumerate(secs)}, "rounds_total_s": sig(sum(secs), 4),
+    round_table = [{"run": f"flare_{i + 1}", "total_s": sig(timings.samples["flare"][i], 4),
+                    **{f"round_{r}_s": sig(x, 4) for r, x in enumerate(secs)},
                     "outside_rounds_s": sig(timings.samples["flare"][i] - sum(secs), 4)}
                    for i, secs in enumerate(flare_rounds)]
+    round_table += [{"run": f"plain_{i + 1}", "total_s": sig(timings.samples["plain"][i], 4),
+                     **{f"round_{r}_s": sig(x, 4) for r, x in enumerate(p["rounds_s"])},
+                     "outside_rounds_s": sig(timings.samples["plain"][i] - sum(p["rounds_s"]), 4),
+                     "init_s": sig(p["init_s"], 4), "final_eval_s": sig(p["final_s"], 4)}
+                    for i, p in enumerate(plain_parts)]
+    later_flare = [x for secs in flare_rounds for x in secs[1:]]
+    later_plain = [x for p in plain_parts for x in p["rounds_s"][1:]]
+    round_overhead = statistics.median(later_flare) - statistics.median(later_plain) if later_flare and later_plain else None
     summary = {
         "overhead_ratio": sig(ratio),
         "target_ratio": TARGET_RATIO,
@@ -154,7 +173,10 @@ def run(args: Namespace) -> dict[str, Any]:
         "plain_median_s": sig(plain_s, 4),
         "flare_median_s": sig(flare_s, 4),
         "fixed_cost_s": sig(fixed, 3),
-        "fixed_cost_per_round_s": sig(fixed / rounds, 3),
+        "round_overhead_s": sig(round_overhead, 3),
+        "outside_rounds_s": sig(statistics.median(
+            t - sum(secs) for t, secs in zip(timings.samples["flare"], flare_rounds)) - statistics.median(
+            t - sum(p["rounds_s"]) for t, p in zip(timings.samples["plain"], plain_parts)), 3),
         "rounds": rounds,
         "local_epochs": local_epochs,
         "training_images_per_epoch": counts.get("training"),
@@ -165,9 +187,14 @@ def run(args: Namespace) -> dict[str, Any]:
         "fixed_cost_s = flare - plain (median of paired differences): simulator and site-process start-up (imports, "
         "FLARE's cell network), weight transfer and server-side work (aggregation, history, TensorBoard, best/final "
         "checkpoints). With more or longer rounds the ratio falls toward 1 + (per-round cost / round time).",
-        "Per-round table: the server's own round timer (broadcast -> aggregated, includes the site's evaluate + train); "
-        "outside_rounds_s is everything else of the FLARE run (start-up, final validation, shut-down).",
-        f"Load average 1 min: {load_before} before, {load_after} after timing (2 shared cores: absolute seconds are noisy).",
+        "Round table: FLARE rounds are the server's timer (task sent -> update aggregated; round 0 also waits for the "
+        "site process to start, import and build its workflows); plain rounds are evaluate + train + get_weights + "
+        "FedAvg. outside_rounds_s is everything else of a run (FLARE: simulator start, final validation task, "
+        "shut-down; plain: algo construction/initialisation and the final evaluation). Summary outside_rounds_s = "
+        "median FLARE outside-rounds time - median plain outside-rounds time; round_overhead_s = median FLARE round "
+        "after the first - median plain round after the first (null with one round).",
+        f"Load average 1 min: {sig(load_before, 3)} before, {sig(load_after, 3)} after timing "
+        "(shared cores: absolute seconds are noisy).",
     ]
     return {
         "name": NAME,
@@ -191,7 +218,7 @@ def run(args: Namespace) -> dict[str, Any]:
             "quick": quick,
         },
         "rows": rows,
-        "tables": {"FLARE runs: server round times": round_table},
+        "tables": {"Per-run breakdown: round times (s)": round_table},
         "summary": summary,
         "notes": notes,
         "samples": {k: [float(x) for x in v] for k, v in timings.samples.items()},

@@ -105,7 +105,7 @@ def _job_spec(args: argparse.Namespace, algorithm: str | None = None):
         min_clients=args.min_clients, fedprox_mu=args.mu, server_optimizer=args.server_opt, server_lr=args.server_lr,
         weighting=args.weighting, site_weights=dict(args.site_weight), train_timeout=args.timeout,
         wait_time_after_min_received=args.wait, overrides=dict(args.override), cross_site_eval=not args.no_cross_site,
-        name=args.name,
+        quantization=args.quantize, name=args.name,
     )
 
 
@@ -231,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--override", type=_parse_override, action="append", default=[], metavar="KEY=VALUE",
                        help="bundle config override for every site, value as JSON")
         p.add_argument("--no-cross-site", action="store_true", help="skip the final cross-site evaluation")
+        p.add_argument("--quantize", choices=["float16", "blockwise8", "float4", "normfloat4"],
+                       help="quantise model updates both ways with FLARE's filters (bytes per round are reported)")
         p.add_argument("--name", default="monai_fl_ext", help="FLARE job name")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 

@@ -33,12 +33,12 @@ def _load_into_bundle_network(path: Path) -> None:
     assert all(torch.isfinite(p).all() for p in net.parameters())
 
 
-def test_simulation_scaffold_three_sites_survives_a_failing_site(tiny_cohort, tmp_path):
+def test_simulation_scaffold_three_sites_survives_a_failing_site_with_float16_updates(tiny_cohort, tmp_path):
     from monai_fl_ext.federated import run_federated
 
     _, datalist, _ = tiny_cohort
     spec = _spec(tiny_cohort, tmp_path / "fl", algorithm="scaffold", min_clients=2, fault_rounds={"site-2": [1]},
-                 site_weights={"site-3": 2.0})
+                 site_weights={"site-3": 2.0}, quantization="float16")
     report = run_federated(spec, datalist, mode="sim")
     assert report["status"] == "completed"
     first, second = report["rounds"]
@@ -52,6 +52,8 @@ def test_simulation_scaffold_three_sites_survives_a_failing_site(tiny_cohort, tm
     assert r0["weights"]["site-1"] == pytest.approx(r0["steps"]["site-1"])
     assert set(r0["update_norm"]) == {"site-1", "site-2", "site-3"} and len(r0["cosine"]) == 3
     assert all(b > 1_000_000 for b in r0["payload_bytes"].values())
+    for site, sent in r0["wire_bytes"].items():  # measured on arrival, before dequantisation
+        assert sent == pytest.approx(r0["payload_bytes"][site] / 2, rel=0.01)
     assert 0.0 <= report["test"]["macro_auc"] <= 1.0 and set(report["per_site_test"]) <= {"site-1", "site-2", "site-3"}
     matrix = report["cross_site"]["rows_model_columns_site"]
     assert set(matrix) == {"global", "site-1", "site-3"}  # local models of the sites aggregated in the last round
