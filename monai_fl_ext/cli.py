@@ -130,7 +130,7 @@ def cmd_federated(args: argparse.Namespace) -> None:
         return
     from monai_fl_ext.federated import run_federated
 
-    _print_fl(run_federated(spec, args.datalist, mode=args.mode))
+    _print_fl(run_federated(spec, args.datalist, mode=args.mode, progress=not args.quiet))
     print(f"report: {Path(args.out) / 'fl_report.json'}; TensorBoard: {Path(args.out) / 'server' / 'tensorboard'}")
 
 

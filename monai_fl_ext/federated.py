@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -19,13 +18,14 @@ FL_REPORT = "fl_report.json"
 MODES = ("sim", "poc")
 
 
-def run_federated(spec: Any, datalist: str | os.PathLike, mode: str = "sim") -> dict[str, Any]:
+def run_federated(spec: Any, datalist: str | os.PathLike, mode: str = "sim", progress: bool = True) -> dict[str, Any]:
     """Run ``spec`` (a :class:`~monai_fl_ext.flare.job.FederatedJobSpec`) and report the global model's test AUC.
 
     Args:
         spec: the job.
         datalist: pooled datalist (its test split is the pooled test set).
         mode: ``sim`` (FLARE simulator) or ``poc`` (real processes over TLS on loopback).
+        progress: show a progress bar over rounds.
 
     Returns:
         The report written to ``spec.output_dir/fl_report.json``: test macro/per-label AUC of the
@@ -35,7 +35,7 @@ def run_federated(spec: Any, datalist: str | os.PathLike, mode: str = "sim") -> 
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    server_dir = run_simulation(spec) if mode == "sim" else run_poc(spec)
+    server_dir = run_simulation(spec, progress=progress) if mode == "sim" else run_poc(spec, progress=progress)
     history = read_json(server_dir / "history.json")
     models = server_dir / "models"
     checkpoint = models / "best_global_model.pt" if (models / "best_global_model.pt").exists() else models / "final_global_model.pt"
@@ -80,8 +80,8 @@ def run_compare(spec: Any, datalist: str | os.PathLike, algorithms: list[str], p
     epochs = spec.num_rounds * spec.local_epochs
     central = run_central(spec.bundle, spec.dataset_dir, datalist, out / "central", epochs=epochs,
                           partition_dir=spec.partition_dir, overrides=spec.overrides, progress=progress)
-    runs = {alg: run_federated(replace(spec, algorithm=alg, output_dir=str(out / alg), name=f"{spec.name}_{alg}"), datalist)
-            for alg in algorithms}
+    runs = {alg: run_federated(replace(spec, algorithm=alg, output_dir=str(out / alg), name=f"{spec.name}_{alg}"), datalist,
+                               progress=progress) for alg in algorithms}
     central_auc = central["test"]["macro_auc"]
     summary = {
         "epochs": epochs,

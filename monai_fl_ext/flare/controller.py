@@ -13,9 +13,7 @@ what a hospital consortium needs from a run:
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any

@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import shutil
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,11 +189,45 @@ def _record_spec(spec: FederatedJobSpec) -> Path:
     return atomic_write_json((Path(spec.output_dir) / "job_spec.json").resolve(), asdict(spec))
 
 
-def run_simulation(spec: FederatedJobSpec, workspace: str | os.PathLike | None = None) -> Path:
+@contextlib.contextmanager
+def round_progress(spec: FederatedJobSpec, enabled: bool = True):
+    """A progress bar over federated rounds, fed by the server's ``history.json`` while the job runs elsewhere."""
+    import threading
+
+    from tqdm import tqdm
+
+    if not enabled:
+        yield
+        return
+    history = Path(spec.output_dir) / "server" / "history.json"
+    done = threading.Event()
+    bar = tqdm(total=spec.num_rounds, desc=f"FL rounds ({spec.algorithm}, {len(spec.sites())} sites)", unit="round")
+
+    def poll() -> None:
+        while not done.wait(2.0):
+            with contextlib.suppress(Exception):
+                rounds = json.loads(history.read_text())["rounds"]
+                bar.n = len(rounds)
+                last = rounds[-1] if rounds else None
+                if last:
+                    bar.set_postfix(sites=len(last["sites_ok"]), val_auc=last["global_metrics"].get("val_auc"))
+                bar.refresh()
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        bar.close()
+
+
+def run_simulation(spec: FederatedJobSpec, workspace: str | os.PathLike | None = None, progress: bool = True) -> Path:
     """Run the job in FLARE's simulator (server thread, one process per site) and return the server output folder."""
     job = build_job(spec)
     workspace = Path(workspace or Path(spec.output_dir) / "flare_workspace").resolve()
-    with contextlib.chdir(FLARE_DIR):
+    with contextlib.chdir(FLARE_DIR), round_progress(spec, progress):
         job.simulator_run(str(workspace), clients=spec.sites(), threads=len(spec.sites()), log_config="concise")
     return Path(spec.output_dir) / "server"
 
@@ -211,7 +244,7 @@ def export_job(spec: FederatedJobSpec, job_root: str | os.PathLike) -> Path:
     return Path(job_root) / spec.name
 
 
-def run_poc(spec: FederatedJobSpec, timeout: float = 1800, keep_workspace: bool = False) -> Path:
+def run_poc(spec: FederatedJobSpec, timeout: float = 1800, keep_workspace: bool = False, progress: bool = True) -> Path:
     """Run the job in FLARE's POC mode: a provisioned server and one process per site over TLS on loopback.
 
     The POC workspace lives under ``output_dir/poc_workspace``; the services are stopped and the
@@ -241,7 +274,8 @@ def run_poc(spec: FederatedJobSpec, timeout: float = 1800, keep_workspace: bool 
     try:
         with contextlib.chdir(FLARE_DIR):
             run = _JobRecipe(job).execute(env)
-        run.get_result(timeout=timeout, clean_up=not keep_workspace)
+        with round_progress(spec, progress):
+            run.get_result(timeout=timeout, clean_up=not keep_workspace)
         status = run.get_status()
     finally:
         with contextlib.suppress(Exception):
