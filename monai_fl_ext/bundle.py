@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from monai_fl_ext.errors import InputError
+from monai_fl_ext.metrics import split_metrics
 
 TRAIN_CONFIG = "configs/train.json"
 METADATA = "configs/metadata.json"
@@ -85,8 +86,7 @@ def train_bundle(bundle_root: Path, overrides: Mapping[str, Any], progress: bool
 
         workflow.evaluator.add_event_handler(
             Events.EPOCH_COMPLETED,
-            lambda e: history.append({"epoch": int(workflow.trainer.state.epoch), **{
-                k: float(v) for k, v in e.state.metrics.items() if isinstance(v, (int, float))}}),
+            lambda e: history.append({"epoch": int(workflow.trainer.state.epoch), **split_metrics(e.state.metrics)[0]}),
         )
     workflow.validation_history = history
     if progress:

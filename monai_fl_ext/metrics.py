@@ -8,8 +8,10 @@ as NaN per label.
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +34,19 @@ def per_label_auc(probs: np.ndarray | torch.Tensor, labels: np.ndarray | torch.T
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "y values can not be all 0 or 1" for undefined labels
         return [float(v) for v in compute_roc_auc(probs_t, labels_t, average="none")]
+
+
+def split_metrics(metrics: Mapping[str, Any], prefix: str = "") -> tuple[dict[str, float], dict[str, dict[str, float | None]]]:
+    """Scalar metrics and per-label dicts of an engine's ``state.metrics``, JSON-ready (NaN becomes None in dicts).
+
+    Ignite also copies each entry of a dict-valued metric (``{label: auc}``) to the top level; those
+    copies are dropped from the scalars. Non-finite scalars are kept out.
+    """
+    per_label = {k: {n: (float(x) if math.isfinite(x) else None) for n, x in v.items()} for k, v in metrics.items() if isinstance(v, Mapping)}
+    nested = {n for v in per_label.values() for n in v}
+    scalars = {f"{prefix}{k}": float(v) for k, v in metrics.items()
+               if k not in nested and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    return scalars, per_label
 
 
 def macro_auc(per_label: Sequence[float]) -> float:

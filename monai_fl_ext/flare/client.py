@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
 from monai_fl_ext.algo import FederatedBundleAlgo
 from monai_fl_ext.algorithms import ALGORITHMS, make_local_term
+from monai_fl_ext.metrics import split_metrics
 
 NUM_STEPS = "NUM_STEPS_CURRENT_ROUND"  # nvflare.apis.fl_constant.FLMetaKey.NUM_STEPS_CURRENT_ROUND
 logger = logging.getLogger("monai_fl_ext.client")
@@ -59,18 +59,6 @@ def site_overrides(args: argparse.Namespace, site: str) -> dict[str, Any]:
         key, value = item.split("=", 1)
         overrides[key] = json.loads(value)
     return overrides
-
-
-def split_metrics(metrics: dict[str, Any], prefix: str = "") -> tuple[dict[str, float], dict[str, Any]]:
-    """Scalar metrics (FLARE aggregates them) and per-label dicts (sent as meta).
-
-    Ignite also copies each entry of a dict-valued metric to the top level; those copies are dropped.
-    """
-    per_label = {k: {n: (float(x) if math.isfinite(x) else None) for n, x in v.items()} for k, v in metrics.items() if isinstance(v, dict)}
-    nested = {n for v in per_label.values() for n in v}
-    scalars = {f"{prefix}{k}": float(v) for k, v in metrics.items()
-               if k not in nested and isinstance(v, (int, float)) and not isinstance(v, bool)}
-    return scalars, per_label
 
 
 def _exchange(model: FLModel) -> ExchangeObject:
