@@ -26,6 +26,7 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from monai_fl_ext.algo import FederatedBundleAlgo
 from monai_fl_ext.algorithms import ALGORITHMS, make_local_term
 from monai_fl_ext.metrics import split_metrics
+from monai_fl_ext.privacy import BudgetExceeded, DPSettings
 
 NUM_STEPS = "NUM_STEPS_CURRENT_ROUND"  # nvflare.apis.fl_constant.FLMetaKey.NUM_STEPS_CURRENT_ROUND
 logger = logging.getLogger("monai_fl_ext.client")
@@ -41,6 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--algorithm", choices=ALGORITHMS, default="fedavg")
     p.add_argument("--fedprox-mu", type=float, default=0.01)
     p.add_argument("--override", action="append", default=[], metavar="KEY=JSON", help="bundle config override")
+    p.add_argument("--privacy", default="", metavar="JSON", help="DP-SGD settings (monai_fl_ext.privacy.DPSettings fields)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads at this site (0: torch's default)")
     p.add_argument("--fail-rounds", default="", help="fault injection for tests: comma-separated rounds that raise")
     p.add_argument("--delay", type=float, default=0.0, help="fault injection: seconds to sleep before training")
@@ -70,7 +72,7 @@ def train_round(algo: FederatedBundleAlgo, model: FLModel) -> FLModel:
     data = _exchange(model)
     start = time.perf_counter()
     global_metrics = algo.evaluate(data).metrics
-    algo.train(data, extra={"meta": model.meta or {}})
+    algo.train(data, extra={"meta": {**(model.meta or {}), "current_round": model.current_round, "total_rounds": model.total_rounds}})
     update = algo.get_weights()
     local_metrics = algo.local_validation_metrics()
     params = {k: v.cpu() for k, v in update.weights.items() if k in model.params}
@@ -95,9 +97,11 @@ def main(argv: list[str] | None = None) -> None:
     flare.init()
     site = flare.get_site_name()
     fail_rounds = {int(r) for r in args.fail_rounds.split(",") if r.strip()}
+    overrides = site_overrides(args, site)
     algo = FederatedBundleAlgo(
-        args.bundle, site_overrides(args, site), local_epochs=args.local_epochs,
-        local_term=make_local_term(args.algorithm, args.fedprox_mu),
+        args.bundle, overrides, local_epochs=args.local_epochs, local_term=make_local_term(args.algorithm, args.fedprox_mu),
+        privacy=DPSettings.from_dict(json.loads(args.privacy), where=site) if args.privacy else None,
+        privacy_state=Path(overrides["ckpt_dir"]).parent / "privacy_accountant.json",
     )
     algo.initialize(extra={ExtraItems.CLIENT_NAME: site, ExtraItems.APP_ROOT: ""})
     while flare.is_running():
@@ -113,6 +117,9 @@ def main(argv: list[str] | None = None) -> None:
             elif flare.is_evaluate():
                 scalars, per_label = split_metrics(algo.evaluate(_exchange(model)).metrics)
                 flare.send(FLModel(metrics=scalars, meta={"per_label": per_label}))
+        except BudgetExceeded as e:  # never train past the budget: the server ends the job with the model so far
+            logger.warning("%s: %s", site, e)
+            flare.send(FLModel(params={}, meta={"error": f"privacy budget: {e}", "budget_exhausted": True}))
         except Exception as e:  # the site reports and stays in the job; the server logs the reason
             logger.exception("%s: task failed", site)
             flare.send(FLModel(params={}, meta={"error": f"{type(e).__name__}: {e}"}))

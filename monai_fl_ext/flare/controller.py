@@ -146,6 +146,14 @@ class FederatedBundleController(BaseFedAvg):
             )
             ok, failed = self._split_results(sites, results)
             record = self._round_record(ok, failed, time.time() - start)
+            exhausted = sorted(r.meta.get("client_name", "?") for r in results if r.meta.get("budget_exhausted"))
+            if exhausted:
+                self.warning(f"round {self.current_round}: privacy budget reached at {exhausted}; ending the job "
+                             f"with the global model of the previous round")
+                record["aggregated"] = False
+                self.history["rounds"].append(record)
+                self.history["status"] = f"stopped at round {self.current_round}: privacy budget reached at {', '.join(exhausted)}"
+                break
             if len(ok) < self.min_clients:
                 self.warning(f"round {self.current_round}: only {len(ok)} of min_clients={self.min_clients} answered; "
                              f"stopping with the global model of the previous round. Left out: {failed}")
@@ -229,6 +237,7 @@ class FederatedBundleController(BaseFedAvg):
             "wire_bytes": {r.meta["client_name"]: int(r.meta.get("wire_bytes", r.meta.get("payload_bytes", 0))) for r in ok},
             "site_metrics": site_metrics,
             "per_label": {r.meta["client_name"]: r.meta.get("per_label", {}) for r in ok},
+            "privacy": {r.meta["client_name"]: r.meta["privacy"] for r in ok if r.meta.get("privacy")},
             "global_metrics": global_metrics,
             "seconds": seconds,
         }
@@ -239,9 +248,14 @@ class FederatedBundleController(BaseFedAvg):
             for k, v in metrics.items():
                 self._writer(site).add_scalar(k, v, step)
             self._writer(site).add_scalar("update_norm", record["update_norm"].get(site, 0.0), step)
+            if site in record["privacy"]:
+                self._writer(site).add_scalar("epsilon", record["privacy"][site]["epsilon"], step)
         for k, v in record["global_metrics"].items():
             if v is not None:
                 self._writer(GLOBAL_MODEL).add_scalar(k, v, step)
+        if record["privacy"]:  # sites hold disjoint patients: the job's guarantee is the worst site's
+            record["max_epsilon"] = max(p["epsilon"] for p in record["privacy"].values())
+            self._writer(GLOBAL_MODEL).add_scalar("max_epsilon", record["max_epsilon"], step)
         for w in self._writers.values():
             w.flush()
         self.info(f"round {step}: aggregated {record['sites_ok']} weights {record['weights']} "

@@ -50,6 +50,8 @@ class FederatedJobSpec:
             simulation and POC run every site on this machine (set it to 0 for torch's default at real sites).
         quantization: FLARE's update quantisation both ways (``float16``, ``blockwise8``, ``float4``,
             ``normfloat4``); None sends float32.
+        privacy: DP-SGD at every site, as :class:`~monai_fl_ext.privacy.DPSettings` fields (e.g.
+            ``{"target_epsilon": 8.0}``); the bundle is switched to ``norm=group``.
         name: job name.
     """
 
@@ -75,6 +77,7 @@ class FederatedJobSpec:
     site_delay: dict[str, float] = field(default_factory=dict)
     site_threads: int | None = None
     quantization: str | None = None
+    privacy: dict[str, Any] | None = None
     name: str = "monai_fl_ext"
 
     def sites(self) -> list[str]:
@@ -98,6 +101,13 @@ class FederatedJobSpec:
         bad = {s: w for s, w in self.site_weights.items() if not w > 0}
         if bad:
             raise InputError(f"site_weights must be positive, got {bad}")
+        if self.privacy is not None:
+            from monai_fl_ext.privacy import DPSettings
+
+            DPSettings.from_dict(dict(self.privacy), where="job")
+            if self.overrides.get("norm", "group") != "group":
+                raise InputError(f"DP-SGD needs the bundle override norm=group (Opacus rejects BatchNorm), got norm={self.overrides['norm']!r}")
+            self.overrides = {**self.overrides, "norm": "group"}
         if self.quantization not in (None, *QUANTIZATIONS):
             raise InputError(f"quantization must be one of {QUANTIZATIONS} or None, got {self.quantization!r}")
         if not Path(self.dataset_dir).is_dir():
@@ -111,6 +121,8 @@ def _client_args(spec: FederatedJobSpec, bundle_root: Path, site: str, shared_ma
             "--local-epochs", str(spec.local_epochs), "--algorithm", spec.algorithm, "--fedprox-mu", str(spec.fedprox_mu)]
     for key, value in spec.overrides.items():
         args += ["--override", f"{key}={json.dumps(value, separators=(',', ':'))}"]
+    if spec.privacy:
+        args += ["--privacy", json.dumps(spec.privacy, separators=(",", ":"), sort_keys=True)]
     if spec.fault_rounds.get(site):
         args += ["--fail-rounds", ",".join(map(str, spec.fault_rounds[site]))]
     threads = spec.site_threads
