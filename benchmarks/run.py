@@ -18,7 +18,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import central_auc, central_training, data_pipeline, fl_overhead, fl_vs_central
+from benchmarks import (
+    central_auc,
+    central_training,
+    data_pipeline,
+    fl_overhead,
+    fl_vs_central,
+)
 from benchmarks.common import REPO
 from benchmarks.report import docs_markdown, result_markdown
 

@@ -44,8 +44,12 @@ How this plugs into MONAI (each point verified by the tests in ``tests/test_dp_s
   divides by the expected batch size: exactly Opacus' noise-only step. The iteration is a normal
   ignite iteration (``ITERATION_COMPLETED`` fires, it is counted in ``steps_taken`` and in
   ``MonaiAlgo``'s executed iterations); its output stays an undecollated dict
-  ``{"image", "label", "pred": zero-length tensors, "loss": nan}`` (MONAI's ``from_engine`` cannot
-  read an empty decollated list), so loss loggers skip it with a warning and metrics see no samples.
+  ``{"image": zero-length tensor, "label": [], "pred": [], "loss": nan}``: MONAI's ``from_engine``
+  cannot read an empty decollated list and MONAI's cumulative metrics reject zero-length tensors,
+  but ``from_engine(["pred", "label"])`` of this dict is ``([], [])``, which ignite's ``Metric``
+  unrolls into no update at all; loss loggers (``StatsHandler``, ``TensorBoardStatsHandler``) skip
+  the step with a "non-scalar output" warning. IterationEvents (``FORWARD_COMPLETED``...,
+  ``MODEL_COMPLETED``: decollation, postprocessing) are not fired for it: there was no forward pass.
 - **Loss.** ``BCEWithLogitsLoss`` with ``reduction="mean"`` averages over batch *and* labels. In hooks
   mode Opacus rescales the backpropagated gradient by the batch size, so each per-sample gradient is
   the gradient of that image's mean BCE over the 14 labels: a proper per-sample loss, clipped as a
@@ -125,14 +129,19 @@ def validate_network(network: torch.nn.Module) -> None:
     network.train()  # the validator also complains about eval mode, which is not a property of the model
     try:
         errors = ModuleValidator.validate(network, strict=False)
+        offending = [(name, type(m).__name__) for name, m in network.named_modules()
+                     if type(m) in ModuleValidator.VALIDATORS and ModuleValidator.VALIDATORS[type(m)](m)]
     finally:
         network.train(was_training)
     if errors:
-        listed = "; ".join(str(e) for e in errors[:3]) + (f"; ... ({len(errors)} in all)" if len(errors) > 3 else "")
+        reasons = list(dict.fromkeys(str(e).split(". ")[0] for e in errors))  # first sentence of each distinct error
+        types = sorted({t for _, t in offending})
+        names = ", ".join(n or "<root>" for n, _ in offending[:3]) + (", ..." if len(offending) > 3 else "")
         raise ValueError(
-            f"DP-SGD (Opacus) cannot train this network: {listed}. BatchNorm mixes samples, so per-sample gradients "
-            "do not exist; build the bundle with GroupNorm instead: set the bundle override norm=group "
-            "(e.g. --norm group, or overrides {'norm': 'group'})."
+            f"DP-SGD (Opacus) cannot train this network: {len(errors)} unsupported module(s)"
+            f"{' (' + ', '.join(types) + ': ' + names + ')' if offending else ''}: {'; '.join(reasons)}. "
+            "BatchNorm mixes the samples of a batch, so per-sample gradients do not exist; build the bundle with "
+            "GroupNorm instead: set the bundle override norm=group (e.g. --norm group, or overrides {'norm': 'group'})."
         )
 
 
@@ -234,9 +243,10 @@ def _wrap_iteration(trainer: Any, state: DPTrainingState) -> None:
             p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
         optimizer.step()  # DPOptimizer: clip (nothing) + noise, / expected_batch_size, then the bundle's step
         state.empty_steps += 1
+        # Not decollated (MONAI's from_engine cannot read an empty list): from_engine(["pred", "label"]) gives
+        # ([], []), which ignite unrolls into no metric update; loss loggers skip the 1-tuple (nan,) with a warning.
         image = batchdata.get(Keys.IMAGE) if isinstance(batchdata, Mapping) else None
-        label = batchdata.get(Keys.LABEL) if isinstance(batchdata, Mapping) else None
-        return {Keys.IMAGE: image, Keys.LABEL: label, Keys.PRED: label, Keys.LOSS: torch.tensor(float("nan"))}
+        return {Keys.IMAGE: image, Keys.LABEL: [], Keys.PRED: [], Keys.LOSS: torch.tensor(float("nan"))}
 
     trainer._process_function = iteration
 
