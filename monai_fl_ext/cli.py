@@ -96,6 +96,19 @@ def _site_weight(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"site weight '{text}' must look like site-3=2.0") from None
 
 
+def _privacy(args: argparse.Namespace) -> dict | None:
+    if args.dp_epsilon is None and args.dp_noise is None:
+        return None
+    settings = {"delta": args.dp_delta, "max_grad_norm": args.dp_clip}
+    if args.dp_noise is not None:
+        settings["noise_multiplier"] = args.dp_noise
+    else:
+        settings["target_epsilon"] = args.dp_epsilon
+    if args.dp_budget is not None:
+        settings["budget_epsilon"] = args.dp_budget
+    return settings
+
+
 def _job_spec(args: argparse.Namespace, algorithm: str | None = None):
     from monai_fl_ext.flare.job import FederatedJobSpec
 
@@ -105,7 +118,7 @@ def _job_spec(args: argparse.Namespace, algorithm: str | None = None):
         min_clients=args.min_clients, fedprox_mu=args.mu, server_optimizer=args.server_opt, server_lr=args.server_lr,
         weighting=args.weighting, site_weights=dict(args.site_weight), train_timeout=args.timeout,
         wait_time_after_min_received=args.wait, overrides=dict(args.override), cross_site_eval=not args.no_cross_site,
-        quantization=args.quantize, name=args.name,
+        quantization=args.quantize, privacy=_privacy(args), name=args.name,
     )
 
 
@@ -115,6 +128,9 @@ def _print_fl(report: dict) -> None:
         failed = f"  left out: {r['sites_failed']}" if r["sites_failed"] else ""
         print(f"round {r['round']}: sites {r['sites_ok']} global val AUC {r['global_metrics'].get('val_auc')}{failed}")
     print(f"test macro AUC of the global model: {report['test']['macro_auc']}")
+    if report.get("privacy"):
+        print("privacy (epsilon per site, cumulative): " + ", ".join(f"{s}: {p['epsilon']:.3f}" for s, p in report["privacy"].items())
+              + f"  -> max {max(p['epsilon'] for p in report['privacy'].values()):.3f} (delta {next(iter(report['privacy'].values()))['delta']})")
     for site, r in report["per_site_test"].items():
         print(f"  {site}: {r['macro_auc']}")
 
@@ -231,6 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--override", type=_parse_override, action="append", default=[], metavar="KEY=VALUE",
                        help="bundle config override for every site, value as JSON")
         p.add_argument("--no-cross-site", action="store_true", help="skip the final cross-site evaluation")
+        dp = p.add_argument_group("differential privacy (Opacus DP-SGD at every site; switches the bundle to GroupNorm)")
+        dp.add_argument("--dp-epsilon", type=float, help="target epsilon over the whole run; the noise multiplier is derived")
+        dp.add_argument("--dp-noise", type=float, help="noise multiplier (instead of --dp-epsilon)")
+        dp.add_argument("--dp-delta", type=float, default=1e-5, help="delta; must be below 1/N for every site")
+        dp.add_argument("--dp-clip", type=float, default=1.0, help="per-sample gradient clipping norm")
+        dp.add_argument("--dp-budget", type=float, help="hard epsilon budget per site (default: the target); a site refuses a round past it")
         p.add_argument("--quantize", choices=["float16", "blockwise8", "float4", "normfloat4"],
                        help="quantise model updates both ways with FLARE's filters (bytes per round are reported)")
         p.add_argument("--name", default="monai_fl_ext", help="FLARE job name")

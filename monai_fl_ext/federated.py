@@ -53,14 +53,24 @@ def run_federated(spec: Any, datalist: str | os.PathLike, mode: str = "sim", pro
         "checkpoint": str(checkpoint),
         "test": evaluation["pooled"],
         "per_site_test": evaluation["per_site"],
-        "rounds": [{k: r.get(k) for k in ("round", "sites_ok", "sites_failed", "weights", "global_metrics", "update_norm", "payload_bytes", "wire_bytes", "seconds")}
+        "rounds": [{k: r.get(k) for k in ("round", "sites_ok", "sites_failed", "weights", "global_metrics", "update_norm", "payload_bytes", "wire_bytes",
+                                         "privacy", "max_epsilon", "seconds")}
                    for r in history["rounds"]],
         "final_validation": history.get("final"),
+        "privacy": _last_privacy(history),
         "cross_site": history.get("cross_site"),
         "server_outputs": str(server_dir),
     }
     atomic_write_json(Path(spec.output_dir) / FL_REPORT, report)
     return report
+
+
+def _last_privacy(history: dict[str, Any]) -> dict[str, Any]:
+    """Each site's latest cumulative privacy report (sites hold disjoint patients: the job's epsilon is the max)."""
+    latest: dict[str, Any] = {}
+    for r in history["rounds"]:
+        latest.update(r.get("privacy") or {})
+    return latest
 
 
 def validation_curve(report: dict[str, Any], key: str = "val_auc") -> list[tuple[float, float]]:
