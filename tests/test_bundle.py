@@ -129,3 +129,16 @@ def test_multi_gpu_config_runs_two_gloo_processes_with_torchrun(tiny_overrides, 
     state = torch.load(run_dir / "models" / "model_final.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in state), "MONAI's CheckpointSaver should unwrap DDP"
     load_checkpoint(resnet18(), run_dir / "models" / "model_final.pt")
+
+
+@pytest.mark.slow
+def test_dp_overlay_trains_with_opacus_under_stock_monai_cli(tiny_overrides, tmp_path):
+    run_dir = tmp_path / "dp"
+    out = _monai_bundle("run", "--config_file", "['configs/train.json','configs/train_dp.json']", "--bundle_root", str(BUNDLE),
+                        "--train#trainer#max_epochs", "1", "--dp#delta", "0.001", *_cli_overrides(tiny_overrides, run_dir))
+    line = next(line for line in out.stdout.splitlines() if line.startswith("DP-SGD: epsilon"))
+    assert float(line.split()[2]) > 0
+    from monai_fl_ext.bundle import load_checkpoint
+    from monai_fl_ext.networks import resnet18
+
+    load_checkpoint(resnet18(norm="group"), run_dir / "models" / "model_final.pt")  # plain keys, GroupNorm weights

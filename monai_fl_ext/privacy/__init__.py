@@ -16,6 +16,7 @@ from monai_fl_ext.privacy.accountant import (
     noise_for_target,
     opacus_rdp_epsilon,
 )
+from monai_fl_ext.privacy.dp_sgd import DPTrainingState, enable_dp_sgd
 
 __all__ = [
     "ACCOUNTANTS",
@@ -23,9 +24,11 @@ __all__ = [
     "STATE_FORMAT",
     "BudgetExceeded",
     "DPSettings",
+    "DPTrainingState",
     "PersistentAccountant",
     "client_level_epsilon",
     "dp_accounting_rdp_epsilon",
+    "enable_dp_sgd",
     "noise_for_target",
     "opacus_rdp_epsilon",
 ]
