@@ -158,6 +158,17 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print(f"written: {Path(args.out) / 'compare.md'}, compare.json, convergence.png")
 
 
+def cmd_dp_sweep(args: argparse.Namespace) -> None:
+    from monai_fl_ext.federated import run_privacy_sweep
+
+    rows = run_privacy_sweep(_job_spec(args, args.algorithm), args.datalist, [float(z) for z in args.noise.split(",") if z],
+                             target_epsilon=args.target_epsilon, delta=args.dp_delta, max_grad_norm=args.dp_clip, progress=not args.quiet)
+    for r in rows:
+        eps = "inf (no DP)" if r["epsilon"] is None else f"{r['epsilon']:.3f}"
+        print(f"{r['run']:>22}: epsilon {eps:>12}  test macro AUC {r['test_macro_auc']}")
+    print(f"written: {Path(args.out) / 'privacy_utility.csv'}, privacy_utility.png")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from monai_fl_ext.demo import run_demo
     from monai_fl_ext.federated import compare_markdown
@@ -268,6 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("compare", cmd_compare, "Central baseline vs federated algorithms on the same partition and total epochs: markdown table + convergence plot.")
     add_federated_args(p)
     p.add_argument("--algorithms", default="fedavg,fedprox,scaffold", help="comma-separated algorithms to run")
+
+    p = add("dp-sweep", cmd_dp_sweep, "Privacy-utility curve: the federated job without DP and at each noise multiplier; CSV + PNG of epsilon vs test AUC.")
+    add_federated_args(p)
+    p.add_argument("--algorithm", choices=["fedavg", "fedprox", "scaffold", "fedopt"], default="fedavg")
+    p.add_argument("--noise", default="0.6,1.0,2.0", help="comma-separated noise multipliers")
+    p.add_argument("--target-epsilon", type=float, default=8.0, help="also run at this target epsilon (marked on the plot)")
 
     p = add("demo", cmd_demo, "Main job on synthetic data: generate, partition into 3 hospitals, train central and federated (FLARE simulator), print both AUCs.")
     p.add_argument("--workdir", default="workspace/demo", help="where data and runs go")

@@ -66,3 +66,24 @@ def plot_convergence(curves: Mapping[str, Sequence[tuple[float, float]]], centra
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     save_figure(fig, path)
+
+
+def plot_privacy_utility(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, target_epsilon: float | None = 8.0) -> None:
+    """Final epsilon (max over sites) vs test macro AUC; the non-private run as a line, the target epsilon marked."""
+    fig = Figure(figsize=(6.5, 4))
+    ax = fig.subplots()
+    private = sorted((r["epsilon"], r["test_macro_auc"], r["run"]) for r in rows if r["epsilon"] is not None and r["test_macro_auc"] is not None)
+    if private:
+        ax.plot([p[0] for p in private], [p[1] for p in private], marker="o", label="DP-SGD at every site")
+        for eps, auc, name in private:
+            ax.annotate(name, (eps, auc), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for r in rows:
+        if r["epsilon"] is None and r["test_macro_auc"] is not None:
+            ax.axhline(r["test_macro_auc"], color="k", linestyle="--", label="non-private")
+    if target_epsilon is not None:
+        ax.axvline(target_epsilon, color="tab:red", linestyle=":", label=f"epsilon = {target_epsilon:g}")
+    ax.set(xlabel="epsilon (max over sites)", ylabel="test macro AUC", title="privacy-utility trade-off")
+    ax.set_xscale("log")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)

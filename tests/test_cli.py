@@ -14,7 +14,7 @@ from PIL import Image
 
 from monai_fl_ext.cli import build_parser, main
 
-SUBCOMMANDS = ("generate", "load-nih", "load-medmnist", "partition", "central", "demo", "federated", "compare")
+SUBCOMMANDS = ("generate", "load-nih", "load-medmnist", "partition", "central", "demo", "federated", "compare", "dp-sweep")
 
 
 @pytest.fixture(scope="module")

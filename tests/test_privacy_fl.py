@@ -87,3 +87,22 @@ def test_federated_dp_reaches_target_epsilon_over_the_planned_rounds(tiny_cohort
     for site, p in history["rounds"][-1]["privacy"].items():
         assert p["delta"] == 1e-3 and p["max_grad_norm"] == 1.0 and p["noise_multiplier"] > 0, site
     assert (tmp_path / "fl" / "sites" / "site-1" / "privacy_accountant.json").is_file()
+
+
+@pytest.mark.slow
+def test_privacy_sweep_writes_curve_with_settings_per_point(tiny_cohort, tmp_path):
+    import csv
+
+    from monai_fl_ext.federated import run_privacy_sweep
+    from monai_fl_ext.flare.job import FederatedJobSpec
+
+    dataset_dir, datalist, partition_dir = tiny_cohort
+    spec = FederatedJobSpec(bundle="chest_xray_classification", dataset_dir=str(dataset_dir), partition_dir=str(partition_dir),
+                            output_dir=str(tmp_path / "sweep"), num_rounds=1, cross_site_eval=False, wait_time_after_min_received=60,
+                            overrides={"spatial_size": [TINY_SIZE, TINY_SIZE], "batch_size": 16, "seed": 5})
+    rows = run_privacy_sweep(spec, datalist, [1.5], target_epsilon=None, delta=1e-3, progress=False)
+    assert [r["run"] for r in rows] == ["non-private", "noise-1.5"]
+    assert rows[0]["epsilon"] is None and rows[1]["epsilon"] > 0 and rows[1]["noise_multiplier"] == "1.5000"
+    on_disk = list(csv.DictReader((tmp_path / "sweep" / "privacy_utility.csv").open()))
+    assert [r["run"] for r in on_disk] == ["non-private", "noise-1.5"] and all(r["seed"] == "5" for r in on_disk)
+    assert (tmp_path / "sweep" / "privacy_utility.png").stat().st_size > 0
