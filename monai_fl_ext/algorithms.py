@@ -140,6 +140,43 @@ def make_local_term(algorithm: str, fedprox_mu: float = 0.01) -> LocalTerm:
     return LocalTerm()
 
 
+def _is_float(value: Any) -> bool:
+    return np.issubdtype(np.asarray(value).dtype, np.floating)
+
+
+def clip_update(update: Mapping[str, Any], clip: float) -> tuple[dict[str, np.ndarray], float]:
+    """Scale a site's update so that the L2 norm of its floating-point entries is at most ``clip``.
+
+    Returns:
+        ``(clipped update, norm before clipping)``.
+    """
+    norm = float(np.sqrt(sum(float(np.sum(np.asarray(v, dtype=np.float64) ** 2)) for v in update.values() if _is_float(v))))
+    scale = min(1.0, clip / norm) if norm > 0 else 1.0
+    return {k: np.asarray(v) * scale if _is_float(v) else np.asarray(v) for k, v in update.items()}, norm
+
+
+def dp_fedavg_mean(updates: list[Mapping[str, Any]], clip: float, noise_multiplier: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """DP-FedAvg (McMahan et al. 2018): uniform mean of clipped site updates plus Gaussian noise of std
+    ``noise_multiplier * clip / n`` on every floating-point entry (each site's influence is at most ``clip / n``).
+
+    Weights are uniform on purpose: weighting by local sample counts would make the sensitivity data-dependent.
+
+    Raises:
+        ValueError: no updates, or ``clip`` not positive.
+    """
+    if not updates or clip <= 0:
+        raise ValueError(f"DP-FedAvg needs updates and a positive clip norm, got {len(updates)} updates and clip={clip}")
+    clipped = [clip_update(u, clip)[0] for u in updates]
+    n = len(clipped)
+    mean = {}
+    for key in clipped[0]:
+        total = sum(np.asarray(c[key], dtype=np.float64) for c in clipped) / n
+        if _is_float(clipped[0][key]):
+            total = total + rng.normal(0.0, noise_multiplier * clip / n, size=np.shape(total))
+        mean[key] = total.astype(np.asarray(clipped[0][key]).dtype)
+    return mean
+
+
 class ServerOptimizer:
     """FedOpt (Reddi et al. 2021): the weighted mean update is a pseudo-gradient for a torch optimizer on the server.
 

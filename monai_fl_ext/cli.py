@@ -119,6 +119,8 @@ def _job_spec(args: argparse.Namespace, algorithm: str | None = None):
         weighting=args.weighting, site_weights=dict(args.site_weight), train_timeout=args.timeout,
         wait_time_after_min_received=args.wait, overrides=dict(args.override), cross_site_eval=not args.no_cross_site,
         quantization=args.quantize, privacy=_privacy(args), name=args.name,
+        client_dp={"clip": args.client_dp_clip, "noise_multiplier": args.client_dp_noise, "delta": args.dp_delta}
+        if args.client_dp_clip else None,
     )
 
 
@@ -264,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
         dp.add_argument("--dp-delta", type=float, default=1e-5, help="delta; must be below 1/N for every site")
         dp.add_argument("--dp-clip", type=float, default=1.0, help="per-sample gradient clipping norm")
         dp.add_argument("--dp-budget", type=float, help="hard epsilon budget per site (default: the target); a site refuses a round past it")
+        dp.add_argument("--client-dp-clip", type=float, help="client-level DP (DP-FedAvg): clip each site's update to this L2 norm")
+        dp.add_argument("--client-dp-noise", type=float, default=1.0, help="DP-FedAvg noise multiplier (with --client-dp-clip)")
         p.add_argument("--quantize", choices=["float16", "blockwise8", "float4", "normfloat4"],
                        help="quantise model updates both ways with FLARE's filters (bytes per round are reported)")
         p.add_argument("--name", default="monai_fl_ext", help="FLARE job name")

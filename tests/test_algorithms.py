@@ -93,3 +93,19 @@ def test_drift_diagnostics_norms_and_cosines():
     assert d["sites"] == ["a", "b", "c"]
     assert d["update_norm"] == {"a": 3.0, "b": 2.0, "c": 1.0}  # integer entries are not part of the update vector
     np.testing.assert_allclose(d["cosine"], [[1, 0, 0], [0, 1, -1], [0, -1, 1]])
+
+
+def test_dp_fedavg_clips_each_site_and_adds_calibrated_noise():
+    from monai_fl_ext.algorithms import clip_update, dp_fedavg_mean
+
+    big = {"w": np.full(100, 3.0), "count": np.array(7)}
+    clipped, norm = clip_update(big, clip=1.5)
+    assert norm == pytest.approx(30.0) and np.linalg.norm(clipped["w"]) == pytest.approx(1.5)
+    assert clipped["count"] == 7  # integer buffers are not scaled
+    updates = [{"w": np.full(100_000, 10.0)}, {"w": np.full(100_000, -10.0)}]
+    noiseless = dp_fedavg_mean(updates, clip=1.0, noise_multiplier=0.0, rng=np.random.default_rng(0))
+    np.testing.assert_allclose(noiseless["w"], 0.0, atol=1e-12)  # symmetric clipped updates cancel
+    noisy = dp_fedavg_mean(updates, clip=1.0, noise_multiplier=2.0, rng=np.random.default_rng(0))
+    assert np.std(noisy["w"]) == pytest.approx(2.0 * 1.0 / 2, rel=0.02)  # sigma = z * C / n
+    with pytest.raises(ValueError, match="clip"):
+        dp_fedavg_mean(updates, clip=0.0, noise_multiplier=1.0, rng=np.random.default_rng(0))

@@ -87,13 +87,17 @@ def _processes_using(path: Path) -> list[str]:
     return [line for line in out.splitlines() if str(path) in line]
 
 
-def test_poc_mode_real_processes_fedprox_and_no_process_left(tiny_cohort, tmp_path):
+def test_poc_mode_real_processes_fedprox_with_client_level_dp_and_no_process_left(tiny_cohort, tmp_path):
     from monai_fl_ext.flare.job import run_poc
 
-    spec = _spec(tiny_cohort, tmp_path / "fl", algorithm="fedprox", cross_site_eval=False, name="cxr_poc")
+    spec = _spec(tiny_cohort, tmp_path / "fl", algorithm="fedprox", cross_site_eval=False, name="cxr_poc",
+                 client_dp={"clip": 5.0, "noise_multiplier": 1.0, "delta": 1e-5})
     server = run_poc(spec, timeout=900)
     history = json.loads((server / "history.json").read_text())
     assert history["status"] == "completed" and history["config"]["algorithm"] == "fedprox"
     assert all(r["sites_ok"] == ["site-1", "site-2", "site-3"] for r in history["rounds"])
+    client_eps = [r["client_dp"]["epsilon"] for r in history["rounds"]]  # DP-FedAvg at the server, composed over rounds
+    assert 0 < client_eps[0] < client_eps[1]
+    assert all(w == 1.0 for w in history["rounds"][0]["weights"].values())
     assert not _processes_using(tmp_path / "fl" / "poc_workspace")  # server and site processes were stopped
     assert not (tmp_path / "fl" / "poc_workspace").exists()

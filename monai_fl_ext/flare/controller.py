@@ -56,6 +56,11 @@ class FederatedBundleController(BaseFedAvg):
         cross_site_eval: evaluate the final global and local models on every site.
         output_dir: where history, TensorBoard, plots and checkpoints go (relative: under the job's run dir).
         key_metric: site metric that selects the best global model.
+        client_dp_clip: with a positive value, client-level DP (DP-FedAvg): each site's update is clipped
+            to this L2 norm, the uniform mean gets Gaussian noise ``client_dp_noise * clip / n``, and the
+            round records the client-level epsilon at ``client_dp_delta``.
+        client_dp_noise: DP-FedAvg noise multiplier.
+        client_dp_delta: delta of the client-level guarantee.
         persistor_id: id of FLARE's model persistor component.
     """
 
@@ -75,6 +80,9 @@ class FederatedBundleController(BaseFedAvg):
         cross_site_eval: bool = True,
         output_dir: str = "fl_outputs",
         key_metric: str = "val_auc",
+        client_dp_clip: float = 0.0,
+        client_dp_noise: float = 0.0,
+        client_dp_delta: float = 1e-5,
         persistor_id: str = "persistor",
     ) -> None:
         super().__init__(num_rounds=num_rounds, persistor_id=persistor_id, ignore_result_error=True)
@@ -94,6 +102,9 @@ class FederatedBundleController(BaseFedAvg):
         self.cross_site_eval = cross_site_eval
         self.output_dir = output_dir
         self.key_metric = key_metric
+        self.client_dp_clip = client_dp_clip
+        self.client_dp_noise = client_dp_noise
+        self.client_dp_delta = client_dp_delta
 
     # ---- outputs -------------------------------------------------------------------------
     def _out(self) -> Path:
@@ -188,7 +199,8 @@ class FederatedBundleController(BaseFedAvg):
 
     def _config(self) -> dict[str, Any]:
         keys = ("num_rounds", "min_clients", "algorithm", "fedprox_mu", "server_optimizer", "server_lr", "server_momentum",
-                "weighting", "site_weights", "train_timeout", "wait_time_after_min_received", "key_metric")
+                "weighting", "site_weights", "train_timeout", "wait_time_after_min_received", "key_metric",
+                "client_dp_clip", "client_dp_noise", "client_dp_delta")
         return {k: getattr(self, k) for k in keys}
 
     def _split_results(self, sites: list[str], results: list[FLModel]) -> tuple[list[FLModel], dict[str, str]]:
@@ -214,11 +226,23 @@ class FederatedBundleController(BaseFedAvg):
         return base * float(self.site_weights.get(name, 1.0))
 
     def _aggregate_updates(self, ok: list[FLModel], record: dict[str, Any]) -> dict[str, np.ndarray]:
+        record.update(drift_diagnostics({r.meta["client_name"]: r.params for r in ok}))
+        if self.client_dp_clip > 0:
+            from monai_fl_ext.algorithms import dp_fedavg_mean
+            from monai_fl_ext.privacy import client_level_epsilon
+
+            if not hasattr(self, "_dp_rng"):
+                self._dp_rng = np.random.default_rng()  # OS entropy: the noise must not be reproducible by anyone
+            self._dp_rounds = getattr(self, "_dp_rounds", 0) + 1
+            record["weights"] = {r.meta["client_name"]: 1.0 for r in ok}
+            record["client_dp"] = {"clip": self.client_dp_clip, "noise_multiplier": self.client_dp_noise, "delta": self.client_dp_delta,
+                                   "epsilon": client_level_epsilon(self.client_dp_noise, self._dp_rounds, self.client_dp_delta)
+                                   if self.client_dp_noise > 0 else float("inf")}
+            return dp_fedavg_mean([r.params for r in ok], self.client_dp_clip, self.client_dp_noise, self._dp_rng)
         helper = WeightedAggregationHelper()
         for r in ok:
             helper.add(data=r.params, weight=record["weights"][r.meta["client_name"]], contributor_name=r.meta["client_name"],
                        contribution_round=self.current_round)
-        record.update(drift_diagnostics({r.meta["client_name"]: r.params for r in ok}))
         return helper.get_result()
 
     def _round_record(self, ok: list[FLModel], failed: dict[str, str], seconds: float) -> dict[str, Any]:

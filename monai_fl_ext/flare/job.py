@@ -52,6 +52,7 @@ class FederatedJobSpec:
             ``normfloat4``); None sends float32.
         privacy: DP-SGD at every site, as :class:`~monai_fl_ext.privacy.DPSettings` fields (e.g.
             ``{"target_epsilon": 8.0}``); the bundle is switched to ``norm=group``.
+        client_dp: client-level DP-FedAvg at the server: ``{"clip": C, "noise_multiplier": z, "delta": d}``.
         name: job name.
     """
 
@@ -78,6 +79,7 @@ class FederatedJobSpec:
     site_threads: int | None = None
     quantization: str | None = None
     privacy: dict[str, Any] | None = None
+    client_dp: dict[str, float] | None = None
     name: str = "monai_fl_ext"
 
     def sites(self) -> list[str]:
@@ -108,6 +110,10 @@ class FederatedJobSpec:
             if self.overrides.get("norm", "group") != "group":
                 raise InputError(f"DP-SGD needs the bundle override norm=group (Opacus rejects BatchNorm), got norm={self.overrides['norm']!r}")
             self.overrides = {**self.overrides, "norm": "group"}
+        if self.client_dp is not None:
+            unknown = set(self.client_dp) - {"clip", "noise_multiplier", "delta"}
+            if unknown or not self.client_dp.get("clip", 0) > 0 or self.client_dp.get("noise_multiplier", 0) < 0:
+                raise InputError(f"client_dp needs clip > 0 and noise_multiplier >= 0 (keys clip, noise_multiplier, delta), got {self.client_dp}")
         if self.quantization not in (None, *QUANTIZATIONS):
             raise InputError(f"quantization must be one of {QUANTIZATIONS} or None, got {self.quantization!r}")
         if not Path(self.dataset_dir).is_dir():
@@ -165,6 +171,9 @@ def build_job(spec: FederatedJobSpec, shared_machine: bool = True):
         weighting=spec.weighting, site_weights=spec.site_weights, train_timeout=spec.train_timeout,
         wait_time_after_min_received=spec.wait_time_after_min_received, cross_site_eval=spec.cross_site_eval,
         output_dir=str((Path(spec.output_dir) / "server").resolve()),
+        client_dp_clip=float((spec.client_dp or {}).get("clip", 0.0)),
+        client_dp_noise=float((spec.client_dp or {}).get("noise_multiplier", 0.0)),
+        client_dp_delta=float((spec.client_dp or {}).get("delta", 1e-5)),
     ))
     # The spec travels with the job as a record, in the server app's custom/ folder. That folder makes the
     # server app "bring your own code", which FLARE's class allow-list exempts (POC); a production site that
