@@ -125,7 +125,7 @@ def run(args: Namespace) -> dict[str, Any]:
         figures = {}
         if (out / "convergence.png").is_file():
             shutil.copyfile(out / "convergence.png", args.out / FIGURE)
-            figures["Convergence: global validation macro AUC per epoch of training (central dashed line: its test AUC)"] = FIGURE
+            figures["Convergence: validation macro AUC by epochs trained (dashed line: central test AUC)"] = FIGURE
         if (out / "compare.md").is_file():
             (args.out / COMPARE_MD).write_text((out / "compare.md").read_text().replace("(convergence.png)", f"({FIGURE})"))
     finally:
@@ -162,6 +162,9 @@ def run(args: Namespace) -> dict[str, Any]:
         "both classes in a test set are left out of its macro AUC); per-site columns are each hospital's own test set.",
         "FL checkpoint: the global model with the best mean site validation AUC over rounds (or the final one if "
         "better); central: the best validation epoch. Both saw rounds x local_epochs epochs of the training data.",
+        "Validation curves are not on the same data: central is scored on the pooled validation set, FL on each "
+        "site's small validation set (mean of the per-site macro AUCs, which leave out labels absent from a site), "
+        "so compare their shapes, and compare the runs on the test columns.",
         f"Sites run as separate processes with {site_threads} torch thread(s) each (the default for simulation: "
         f"cores / sites); the central run uses this process's {env['torch_threads']} thread(s). wall_s includes "
         "FLARE start-up and the test evaluation.",
@@ -187,7 +190,8 @@ def run(args: Namespace) -> dict[str, Any]:
             "quick": quick,
         },
         "rows": rows,
-        "tables": {"Validation macro AUC by epochs trained (central: per epoch; FL: global model per round)": convergence},
+        "tables": {"Validation macro AUC by epochs trained (central: pooled validation set after each epoch; FL: mean of "
+                   "the sites' validation AUCs of the global model after each round)": convergence},
         "figures": figures,
         "summary": summary,
         "notes": notes,

@@ -62,7 +62,10 @@ def plot_convergence(curves: Mapping[str, Sequence[tuple[float, float]]], centra
             ax.plot(*zip(*pts), marker="o", label=name)
     if central is not None:
         ax.axhline(central, color="k", linestyle="--", label="central (test)")
-    ax.set(xlabel="epochs of local training (rounds x local epochs)", ylabel=ylabel, title="federated vs central")
+        low, high = ax.get_ylim()  # axhline does not take part in autoscaling
+        ax.set_ylim(min(low, central - 0.02), max(high, central + 0.02))
+    ax.set(xlabel="epochs of local training (rounds x local epochs)", ylabel=f"{ylabel} (FL: mean over sites)",
+           title="federated vs central")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     save_figure(fig, path)

@@ -6,7 +6,6 @@ import warnings
 
 import pytest
 import torch
-
 from conftest import BUNDLE
 
 BATCH = 12  # site-2 has 23 training images: q = 12/23, int(1/q) = 1 Poisson batch per epoch
@@ -88,6 +87,8 @@ def test_trainer_runs_dp_sgd_with_per_sample_gradients_and_keeps_plain_keys(tiny
     assert state.steps_taken == len(steps) == trainer.state.iteration == 2 * trainer.state.epoch_length
     state.reset_step_count()
     assert state.steps_taken == 0 and state.empty_steps == 0
+    state.noise_multiplier = 2.5  # what the accountant reads is what the optimizer applies
+    assert trainer.optimizer.noise_multiplier == 2.5
 
 
 def test_per_sample_clipping_bounds_each_images_contribution(tiny_cohort, tiny_overrides, tmp_path):

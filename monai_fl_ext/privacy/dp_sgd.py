@@ -69,7 +69,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -79,14 +78,14 @@ from torch.utils.data import DataLoader
 __all__ = ["DPTrainingState", "enable_dp_sgd", "validate_network"]
 
 
-@dataclass
 class DPTrainingState:
     """What :func:`enable_dp_sgd` set up, and the DP-SGD steps taken since the last reset.
 
     Attributes:
         sample_rate: Poisson sampling rate ``q = batch_size / len(dataset)`` (the accountant's ``q``).
-        noise_multiplier: noise standard deviation over ``max_grad_norm`` (the accountant's ``sigma``).
-        max_grad_norm: per-sample clipping norm.
+        noise_multiplier: noise standard deviation over ``max_grad_norm`` (the accountant's ``sigma``);
+            reads and writes the ``DPOptimizer``'s own value, so what is accounted is what is applied.
+        max_grad_norm: per-sample clipping norm (likewise the optimizer's).
         steps_taken: DP-SGD optimizer steps since the last :meth:`reset_step_count`, noise-only steps
             on empty batches included (counted at ignite's ``ITERATION_COMPLETED``).
         empty_steps: how many of those were noise-only steps on empty batches.
@@ -98,22 +97,48 @@ class DPTrainingState:
         data_loader: the loader now at ``trainer.data_loader``.
     """
 
-    sample_rate: float
-    noise_multiplier: float
-    max_grad_norm: float
-    expected_batch_size: int
-    dataset_size: int
-    poisson: bool
-    grad_sample_module: Any = field(repr=False)
-    optimizer: Any = field(repr=False)
-    data_loader: Any = field(repr=False)
-    steps_taken: int = 0
-    empty_steps: int = 0
+    def __init__(self, *, sample_rate: float, expected_batch_size: int, dataset_size: int, poisson: bool,
+                 grad_sample_module: Any, optimizer: Any, data_loader: Any) -> None:
+        self.sample_rate = sample_rate
+        self.expected_batch_size = expected_batch_size
+        self.dataset_size = dataset_size
+        self.poisson = poisson
+        self.grad_sample_module = grad_sample_module
+        self.optimizer = optimizer
+        self.data_loader = data_loader
+        self.steps_taken = 0
+        self.empty_steps = 0
+
+    @property
+    def noise_multiplier(self) -> float:
+        return float(self.optimizer.noise_multiplier)
+
+    @noise_multiplier.setter
+    def noise_multiplier(self, value: float) -> None:
+        if value < 0 or not math.isfinite(value):
+            raise ValueError(f"noise_multiplier must be >= 0, got {value}")
+        self.optimizer.noise_multiplier = float(value)
+
+    @property
+    def max_grad_norm(self) -> float:
+        return float(self.optimizer.max_grad_norm)
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value: float) -> None:
+        if not value > 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {value}")
+        self.optimizer.max_grad_norm = float(value)
 
     def reset_step_count(self) -> None:
         """Start counting steps afresh (e.g. at the start of a federated round)."""
         self.steps_taken = 0
         self.empty_steps = 0
+
+    def __repr__(self) -> str:
+        return (f"DPTrainingState(sample_rate={self.sample_rate:.6g}, noise_multiplier={self.noise_multiplier}, "
+                f"max_grad_norm={self.max_grad_norm}, expected_batch_size={self.expected_batch_size}, "
+                f"dataset_size={self.dataset_size}, poisson={self.poisson}, steps_taken={self.steps_taken}, "
+                f"empty_steps={self.empty_steps})")
 
 
 def validate_network(network: torch.nn.Module) -> None:
@@ -281,6 +306,7 @@ def enable_dp_sgd(
     Raises:
         ValueError: the network is not trainable by Opacus (BatchNorm: use ``norm=group``), the
             trainer uses AMP or gradient accumulation, DP-SGD is already enabled, or an argument is out of range.
+        TypeError: the network is already a ``GradSampleModule`` or the loader is not a torch ``DataLoader``.
     """
     from ignite.engine import Events
     from opacus import GradSampleModule
@@ -298,10 +324,12 @@ def enable_dp_sgd(
         raise ValueError("DP-SGD needs one optimizer step per sampled batch; set accumulation_steps=1")
     network, loader = trainer.network, trainer.data_loader
     if isinstance(network, GradSampleModule):
-        raise ValueError("trainer.network is already a GradSampleModule; pass the plain network")
+        raise TypeError("trainer.network is already a GradSampleModule; pass the plain network")
     validate_network(network)
-    if not isinstance(loader, DataLoader) or loader.batch_size is None:
-        raise ValueError("DP-SGD needs trainer.data_loader to be a torch DataLoader with a batch_size")
+    if not isinstance(loader, DataLoader):
+        raise TypeError(f"DP-SGD needs trainer.data_loader to be a torch DataLoader, got {type(loader).__name__}")
+    if loader.batch_size is None:
+        raise ValueError("DP-SGD needs trainer.data_loader to have a batch_size (not a custom batch_sampler)")
     dataset_size, batch_size = len(loader.dataset), int(loader.batch_size)
     q = float(sample_rate) if sample_rate is not None else min(1.0, batch_size / dataset_size)
     if not 0 < q <= 1:
@@ -325,8 +353,7 @@ def enable_dp_sgd(
     else:
         new_loader = loader
     state = DPTrainingState(
-        sample_rate=q, noise_multiplier=float(noise_multiplier), max_grad_norm=float(max_grad_norm),
-        expected_batch_size=expected_batch_size, dataset_size=dataset_size, poisson=poisson,
+        sample_rate=q, expected_batch_size=expected_batch_size, dataset_size=dataset_size, poisson=poisson,
         grad_sample_module=grad_sample_module, optimizer=optimizer, data_loader=new_loader,
     )
 
