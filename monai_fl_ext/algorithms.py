@@ -83,12 +83,28 @@ class FedProxTerm(LocalTerm):
 
     def attach(self, trainer: Any) -> None:
         super().attach(trainer)
-        trainer.loss_function = _ProxLoss(trainer.loss_function, trainer.network, self.mu)
+        self.loss = _ProxLoss(trainer.loss_function, trainer.network, self.mu)
+        if hasattr(trainer.optimizer, "noise_multiplier"):
+            # DP-SGD replaces the gradient by the noisy sum of clipped per-sample gradients, which drops any
+            # loss term of the weights alone; the proximal step is taken after the optimizer instead. It uses
+            # no patient data, so it is post-processing and costs no privacy.
+            from ignite.engine import Events
+
+            trainer.add_event_handler(Events.ITERATION_COMPLETED, self._proximal_step)
+        else:
+            trainer.loss_function = self.loss
+
+    @torch.no_grad()
+    def _proximal_step(self, engine: Any) -> None:
+        lr = self.trainer.optimizer.param_groups[0]["lr"]
+        mu = self.loss.prox.mu
+        for p, g in zip(self.trainer.network.parameters(), self.loss.global_network.parameters()):
+            if p.requires_grad:
+                p.sub_(lr * mu * (p - g))
 
     def start_round(self, global_weights: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
-        loss = self.trainer.loss_function
-        loss.prox.mu = float(meta.get(FEDPROX_MU, self.mu))
-        loss.global_network = frozen_copy(self.trainer.network, global_weights)
+        self.loss.prox.mu = float(meta.get(FEDPROX_MU, self.mu))
+        self.loss.global_network = frozen_copy(self.trainer.network, global_weights)
 
 
 class ScaffoldTerm(LocalTerm):

@@ -92,10 +92,16 @@ def train_bundle(bundle_root: Path, overrides: Mapping[str, Any], progress: bool
     if progress:
         from ignite.handlers import ProgressBar
 
-        ProgressBar(desc="train", persist=False).attach(workflow.trainer, output_transform=lambda out: {"loss": out[0]["loss"]})
+        ProgressBar(desc="train", persist=False).attach(workflow.trainer, output_transform=_loss_of)
     workflow.run()
     workflow.finalize()
     return workflow
+
+
+def _loss_of(output: Any) -> dict[str, Any]:
+    """The loss of a trainer iteration's output: a decollated list, or one dict (DP-SGD's empty-batch step)."""
+    item = output[0] if isinstance(output, list) and output else output
+    return {"loss": item.get("loss")} if isinstance(item, dict) else {}
 
 
 def load_checkpoint(network: torch.nn.Module, path: str | os.PathLike) -> torch.nn.Module:

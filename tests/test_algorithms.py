@@ -51,7 +51,7 @@ def test_local_terms_change_training_and_report_meta(algorithm, tiny_cohort, tin
     weights = _global_weights(algo)
     algo.train(ExchangeObject(weights=weights, weight_type=WeightType.WEIGHTS), extra={"meta": {}})
     if algorithm == "fedprox":
-        loss = algo.trainer.loss_function
+        loss = algo.local_term.loss
         prox = loss.prox(algo.trainer.network, loss.global_network)
         assert float(prox) > 0  # the local model moved away from the global one and pays for it
     else:

@@ -58,6 +58,11 @@ How this plugs into MONAI (each point verified by the tests in ``tests/test_dp_s
   BatchNorm mixes samples and keeps running statistics) raise ``ValueError`` naming the bundle
   override ``norm=group``; so do AMP (the gradient scaler would scale per-sample gradients before
   clipping) and gradient accumulation (Poisson sampling requires one optimizer step per sampled batch).
+- **Not covered.** ``DPOptimizer`` replaces ``p.grad`` by the noisy sum of the clipped per-sample
+  gradients, which only the module hooks produce. A loss term computed from the parameters
+  themselves (FedProx's proximal term) therefore has no effect under DP-SGD. Its gradient depends
+  on no private data, so it can be added to ``p.grad`` after noising (e.g. in a ``DPOptimizer`` step
+  hook) without changing the guarantee; this module does not do it.
 
 Randomness: with ``seed=None`` both the noise and the Poisson sampling use generators seeded from OS
 entropy, *not* torch's global generator (the bundle seeds that with a public ``set_determinism``
