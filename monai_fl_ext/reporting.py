@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from monai_fl_ext.io import atomic_write_bytes
 
@@ -35,6 +36,7 @@ def plot_drift(history: Mapping[str, Any], path: str | os.PathLike) -> None:
         pts = [(r["round"], r["update_norm"][site]) for r in rounds if site in r["update_norm"]]
         ax_norm.plot(*zip(*pts), marker="o", label=site)
     ax_norm.set(title="update L2 norm", xlabel="round")
+    ax_norm.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_norm.legend(fontsize=7)
     mean_cos = []
     for r in rounds:
@@ -50,6 +52,34 @@ def plot_drift(history: Mapping[str, Any], path: str | os.PathLike) -> None:
     ax_heat.set_title(f"cosine, round {last['round']}")
     fig.colorbar(im, ax=ax_heat)
     save_figure(fig, path)
+
+
+def plot_privacy_spend(history: Mapping[str, Any], path: str | os.PathLike) -> bool:
+    """Cumulative epsilon of each site over rounds and the maximum over sites (the job's guarantee).
+
+    Returns:
+        False when the run had no DP (nothing is written).
+    """
+    rounds = [r for r in history["rounds"] if r.get("privacy")]
+    if not rounds:
+        return False
+    fig = Figure(figsize=(6.5, 4))
+    ax = fig.subplots()
+    for site in sorted({s for r in rounds for s in r["privacy"]}):
+        pts = [(r["round"], r["privacy"][site]["epsilon"]) for r in rounds if site in r["privacy"]]
+        ax.plot(*zip(*pts), marker="o", label=site)
+    ax.plot([r["round"] for r in rounds], [max(p["epsilon"] for p in r["privacy"].values()) for r in rounds],
+            color="k", linestyle="--", label="max over sites")
+    budget = next((p.get("budget_epsilon") for r in rounds for p in r["privacy"].values() if p.get("budget_epsilon")), None)
+    if budget:
+        ax.axhline(budget, color="tab:red", linestyle=":", label=f"budget {budget:g}")
+    delta = next(iter(rounds[-1]["privacy"].values()))["delta"]
+    ax.set(xlabel="round", ylabel=f"cumulative epsilon (delta {delta:g})", title="privacy spent per site")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)
+    return True
 
 
 def plot_convergence(curves: Mapping[str, Sequence[tuple[float, float]]], central: float | None, path: str | os.PathLike,

@@ -87,6 +87,7 @@ def test_federated_dp_reaches_target_epsilon_over_the_planned_rounds(tiny_cohort
     for site, p in history["rounds"][-1]["privacy"].items():
         assert p["delta"] == 1e-3 and p["max_grad_norm"] == 1.0 and p["noise_multiplier"] > 0, site
     assert (tmp_path / "fl" / "sites" / "site-1" / "privacy_accountant.json").is_file()
+    assert (tmp_path / "fl" / "server" / "privacy.png").stat().st_size > 0
 
 
 @pytest.mark.slow

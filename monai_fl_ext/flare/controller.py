@@ -316,9 +316,10 @@ class FederatedBundleController(BaseFedAvg):
         for w in self._writers.values():
             w.close()
         try:
-            from monai_fl_ext.reporting import plot_drift
+            from monai_fl_ext.reporting import plot_drift, plot_privacy_spend
 
             plot_drift(self.history, self._out() / "drift.png")
+            plot_privacy_spend(self.history, self._out() / "privacy.png")
         except Exception as e:  # a plot must never fail a finished job
-            self.warning(f"drift plot failed: {e}")
+            self.warning(f"plot failed: {e}")
         self.info(f"finished: {self.history['status']}; outputs in {self._out()}")
