@@ -22,6 +22,7 @@ from benchmarks import (
     central_auc,
     central_training,
     data_pipeline,
+    dp_utility,
     fl_overhead,
     fl_vs_central,
 )
@@ -34,6 +35,7 @@ REGISTRY: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     central_auc.NAME: central_auc.run,
     fl_vs_central.NAME: fl_vs_central.run,
     fl_overhead.NAME: fl_overhead.run,
+    dp_utility.NAME: dp_utility.run,
 }
 SUMMARIES = {
     data_pipeline.NAME: "images/s through the bundle's transforms: uncached vs cached vs cached+random, 64 and 224 px (~1-3 min)",
@@ -41,6 +43,7 @@ SUMMARIES = {
     central_auc.NAME: "central baseline test macro/per-label/per-site AUC on the 500-patient synthetic demo cohort (~3-10 min)",
     fl_vs_central.NAME: "FL (fedavg, fedprox, scaffold; 3 Dirichlet hospitals, 8 rounds) vs central test macro AUC, target ratio >= 0.98 (~20-35 min)",
     fl_overhead.NAME: "FLARE simulation vs the same one-site training without FLARE, interleaved: wall-time ratio, target <= 1.15 (~10-15 min)",
+    dp_utility.NAME: "FedAvg test macro AUC with DP-SGD at epsilon 8 vs without DP (GroupNorm both), target ratio >= 0.90 (~20-40 min)",
 }
 REQUIRED_KEYS = ("name", "description", "command", "environment", "params", "rows", "summary")
 DEFAULT_OUT = REPO / "benchmarks" / "results"
@@ -83,10 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--patients", type=int, help="synthetic patients (default 150 data_pipeline, 500 central_auc and fl_*; quick: 30 / 120 / 60)")
     quality.add_argument("--epochs", type=int, help="central_auc training epochs (default 8; quick: 1)")
     fl = parser.add_argument_group("federated (fl_vs_central, fl_overhead)")
-    fl.add_argument("--rounds", type=int, help="federated rounds (default 8 fl_vs_central, 3 fl_overhead; quick: 2 / 1)")
+    fl.add_argument("--rounds", type=int, help="federated rounds (default 8 fl_vs_central and dp_utility, 3 fl_overhead; quick: 2 / 1 / 1)")
     fl.add_argument("--local-epochs", type=int, help="local epochs per round (default 1 fl_vs_central, 2 fl_overhead; quick: 1)")
     fl.add_argument("--algorithms", help="fl_vs_central: comma-separated algorithms (default fedavg,fedprox,scaffold; quick: fedavg)")
     fl.add_argument("--image-size", type=int, help="synthetic image and spatial size in px (default 64; quick: 32)")
+    fl.add_argument("--noise", type=float, nargs="+", help="dp_utility: extra fixed noise multipliers to sweep (default none: non-private and target epsilon 8 only)")
     fl.add_argument("--workdir", type=Path, help="keep the cohort and the runs' outputs under WORKDIR/NAME (default: a temporary folder)")
     return parser
 
