@@ -22,6 +22,7 @@ from benchmarks import (
     central_auc,
     central_training,
     data_pipeline,
+    dp_step,
     dp_utility,
     fl_overhead,
     fl_vs_central,
@@ -35,6 +36,7 @@ REGISTRY: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     central_auc.NAME: central_auc.run,
     fl_vs_central.NAME: fl_vs_central.run,
     fl_overhead.NAME: fl_overhead.run,
+    dp_step.NAME: dp_step.run,
     dp_utility.NAME: dp_utility.run,
 }
 SUMMARIES = {
@@ -43,6 +45,7 @@ SUMMARIES = {
     central_auc.NAME: "central baseline test macro/per-label/per-site AUC on the 500-patient synthetic demo cohort (~3-10 min)",
     fl_vs_central.NAME: "FL (fedavg, fedprox, scaffold; 3 Dirichlet hospitals, 8 rounds) vs central test macro AUC, target ratio >= 0.98 (~20-35 min)",
     fl_overhead.NAME: "FLARE simulation vs the same one-site training without FLARE, interleaved: wall-time ratio, target <= 1.15 (~10-15 min)",
+    dp_step.NAME: "DP-SGD (Opacus) train step vs the non-private GroupNorm step, interleaved: time and peak-memory ratios by variant, target <= 3x (~5-15 min)",
     dp_utility.NAME: "FedAvg test macro AUC with DP-SGD at epsilon 8 vs without DP (GroupNorm both), target ratio >= 0.90 (~20-40 min)",
 }
 REQUIRED_KEYS = ("name", "description", "command", "environment", "params", "rows", "summary")
@@ -75,13 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-docs", action="store_true", help="do not regenerate the docs page")
     parser.add_argument("--quick", action="store_true", help="smoke-test sizes: tiny cohorts, fewer repetitions (results marked quick)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads before running (default: torch's own choice); fl_overhead: both variants' threads (default 1)")
-    timing = parser.add_argument_group("timing benchmarks (data_pipeline, central_training)")
-    timing.add_argument("--repeats", type=int, help="timed rounds (default 3, fl_overhead 2; quick: 2, fl_overhead 1)")
-    timing.add_argument("--sizes", type=int, nargs="+", help="central_training image sizes (default 64 224; quick: 64)")
+    timing = parser.add_argument_group("timing benchmarks (data_pipeline, central_training, dp_step)")
+    timing.add_argument("--repeats", type=int, help="timed rounds (default 3, fl_overhead 2, dp_step 5; quick: 2, fl_overhead 1, dp_step 3)")
+    timing.add_argument("--sizes", type=int, nargs="+", help="central_training image sizes (default 64 224; quick: 64); dp_step (default 64 32; quick: 32)")
     timing.add_argument("--norms", nargs="+", choices=("batch", "group", "instance"), help="central_training norms (default batch group)")
     timing.add_argument("--strides", type=int, nargs="+", help="central_training stem strides (default 2 1)")
     timing.add_argument("--all-configs", action="store_true", help="central_training: also time 224 px with stem stride 1 (minutes per step on a small CPU)")
-    timing.add_argument("--batch-size", type=int, help="central_training batch size (default 32, the bundle's)")
+    timing.add_argument("--batch-size", type=int, help="central_training and dp_step batch size (default 32, the bundle's)")
     quality = parser.add_argument_group("data size / training (data_pipeline, central_auc)")
     quality.add_argument("--patients", type=int, help="synthetic patients (default 150 data_pipeline, 500 central_auc and fl_*; quick: 30 / 120 / 60)")
     quality.add_argument("--epochs", type=int, help="central_auc training epochs (default 8; quick: 1)")

@@ -255,3 +255,18 @@ def test_bad_input_raises_and_writes_nothing(tmp_path: Path, datalist: dict, cas
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     assert [p.name for p in existing.iterdir()] == ["site-1.json"]
     assert (existing / "site-1.json").read_text() == "keep me"
+
+
+def test_committed_demo_partition_regenerates_byte_for_byte(tmp_path, monkeypatch):
+    """The partition under partitions/ is what the demo's generator and partition tool produce, file for file."""
+    from monai_fl_ext.data.synthetic import SyntheticSpec
+    from monai_fl_ext.demo import prepare_synthetic
+
+    committed = Path(__file__).resolve().parents[1] / "partitions" / "synthetic-cxr-500p-64px-dirichlet-0.5-3sites-seed0"
+    monkeypatch.chdir(tmp_path)  # same relative paths as `make demo`, so the manifest's recorded input path matches
+    spec = SyntheticSpec(num_patients=500, image_size=64, num_hospitals=3, seed=0)
+    _, _, fresh = prepare_synthetic("workspace/demo", spec, 3, 0.5, progress=False, partition_dir=Path("partitions") / committed.name)
+    names = sorted(p.name for p in committed.iterdir())
+    assert names == sorted(p.name for p in fresh.iterdir())
+    for name in names:
+        assert (committed / name).read_bytes() == (fresh / name).read_bytes(), name
