@@ -139,3 +139,16 @@ def test_load_medmnist_rejects_non_npz(tmp_path, capsys):
 def test_load_medmnist_rejects_missing_file(tmp_path, capsys):
     out = tmp_path / "m"
     _assert_bad_input(["load-medmnist", str(tmp_path / "none.npz"), "--out", str(out)], out, capsys, "none.npz")
+
+
+def test_federated_export_accepts_relative_paths(tmp_path, monkeypatch):
+    """Users type relative paths; the job is built from FLARE's folder, so they must be resolved first."""
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "--out", "data", "--patients", "12", "--quiet"]) == 0
+    assert main(["partition", "data/datalist.json", "--out", "part", "--sites", "2", "--strategy", "iid"]) == 0
+    assert main(["federated", "--dataset-dir", "data", "--datalist", "data/datalist.json", "--partition", "part",
+                 "--out", "run", "--mode", "export", "--export-dir", "jobs", "--rounds", "1"]) == 0
+    spec = json.loads((tmp_path / "run" / "job_spec.json").read_text())
+    assert spec["partition_dir"] == str(tmp_path / "part") and (tmp_path / "jobs" / "monai_fl_ext" / "meta.json").is_file()

@@ -82,6 +82,11 @@ class FederatedJobSpec:
     client_dp: dict[str, float] | None = None
     name: str = "monai_fl_ext"
 
+    def __post_init__(self) -> None:
+        # absolute from the start: the job is built and run from other working directories
+        for name in ("dataset_dir", "partition_dir", "output_dir"):
+            setattr(self, name, str(Path(getattr(self, name)).resolve()))
+
     def sites(self) -> list[str]:
         return [s["name"] for s in load_manifest(self.partition_dir)["sites"]]
 
@@ -259,10 +264,11 @@ def export_job(spec: FederatedJobSpec, job_root: str | os.PathLike) -> Path:
     Paths in it (bundle, dataset, datalists, outputs) are this machine's; a production deployment
     builds the spec with each site's own paths (see docs/federated.md).
     """
+    job_root = Path(job_root).resolve()
     job = build_job(spec, shared_machine=False)
     with contextlib.chdir(FLARE_DIR):
-        job.export_job(str(Path(job_root).resolve()))
-    return Path(job_root) / spec.name
+        job.export_job(str(job_root))
+    return job_root / spec.name
 
 
 def run_poc(spec: FederatedJobSpec, timeout: float = 1800, keep_workspace: bool = False, progress: bool = True) -> Path:
