@@ -90,6 +90,7 @@ def build_step(size: int, batch_size: int, mode: str, channels_last: bool = Fals
             optimizer.zero_grad(set_to_none=True)
             loss_fn(network(x), y).backward()
             optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
         return step
 
@@ -111,6 +112,7 @@ def build_step(size: int, batch_size: int, mode: str, channels_last: bool = Fals
             dp_opt.zero_grad(set_to_none=True)
             criterion(model(x), y).backward()
             dp_opt.step()
+            dp_opt.zero_grad(set_to_none=True)
 
         ghost_step._keep = model  # noqa: SLF001  (the hooks live as long as the wrapper)
         return ghost_step
@@ -134,6 +136,7 @@ def build_step(size: int, batch_size: int, mode: str, channels_last: bool = Fals
             dp_opt.zero_grad(set_to_none=True)
             loss_fn(forward(x), y).backward()
             dp_opt.step()
+            dp_opt.zero_grad(set_to_none=True)  # frees the per-sample gradients (as the trainer's next step would)
     else:
         chunks = list(zip(x.split(physical), y.split(physical)))
 
@@ -223,8 +226,12 @@ def run(args: Namespace) -> dict[str, Any]:
                 errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
                 continue
             steps[name] = with_threads(step, thr) if thr else step
+        gc.collect()
+        print(f"[dp_step] {size} px: timing {len(steps)} variants x {repeats} rounds", file=sys.stderr, flush=True)
         torch.manual_seed(0)
         timings = interleaved(steps, repeats=repeats, warmup=1)
+        print(f"[dp_step] {size} px: memory probes", file=sys.stderr, flush=True)
+        memory: dict[tuple, dict[str, Any]] = {}
         for name, spec in VARIANTS.items():
             mode, cl, physical, thr = spec
             if thr is not None and thr >= threads:
@@ -238,7 +245,10 @@ def run(args: Namespace) -> dict[str, Any]:
                     "time_vs_nonprivate": sig(timings.paired_ratio(name, "non-private"), 3),
                     "spread": sig(timings.spread(name), 2),
                 })
-                mem = _measure_memory(size, batch_size, spec)
+                mem = memory.get((mode, cl, physical)) if thr else None
+                if mem is None:
+                    mem = _measure_memory(size, batch_size, spec)
+                    memory[(mode, cl, physical)] = mem
                 if "error" in mem:
                     row["peak_step_mib"] = None
                     row["note"] = f"memory probe failed: {mem['error']}"
@@ -278,6 +288,7 @@ def run(args: Namespace) -> dict[str, Any]:
         "meets_target: the best DP variant's ratio is <= the target at every size; hooks_mode_meets_target: the same "
         "for the plain hooks mode that monai_fl_ext.privacy.dp_sgd uses.",
         f"Peak memory method: {memory_method or 'n/a'} in a fresh subprocess per variant (default threads); "
+        "the @1thr variants reuse their default-thread variant's number (same tensors). "
         "peak_step_mib is the step's extra resident memory, first (optimizer-state-allocating) step included; "
         "it is per process, so variants do not disturb one another. Hooks mode materialises one gradient per "
         "sample for every parameter (~11M params x batch x 4 B), the main memory cost; physical batches cap it.",

@@ -121,6 +121,11 @@ class FederatedJobSpec:
                 raise InputError(f"client_dp needs clip > 0 and noise_multiplier >= 0 (keys clip, noise_multiplier, delta), got {self.client_dp}")
         if self.quantization not in (None, *QUANTIZATIONS):
             raise InputError(f"quantization must be one of {QUANTIZATIONS} or None, got {self.quantization!r}")
+        if self.quantization not in (None, "float16"):
+            import torch
+
+            if not torch.cuda.is_available():  # FLARE's quantiser runs bitsandbytes' blockwise kernels on CUDA only
+                raise InputError(f"quantization={self.quantization!r} needs a CUDA build of torch and a GPU; use float16 on CPU")
         if not Path(self.dataset_dir).is_dir():
             raise InputError(f"dataset_dir {self.dataset_dir} is not a folder")
 
