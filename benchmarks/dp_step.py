@@ -214,9 +214,14 @@ def run(args: Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     skipped: dict[str, str] = {}
     memory_method = None
+    chosen = [v.strip() for v in (getattr(args, "variants", None) or "").split(",") if v.strip()] or list(VARIANTS)
+    unknown = [v for v in chosen if v not in VARIANTS]
+    if unknown or "non-private" not in chosen:
+        raise ValueError(f"--variants must include 'non-private' and name only {list(VARIANTS)}; got unknown {unknown}")
+    variants = {k: v for k, v in VARIANTS.items() if k in chosen}
     for size in sizes:
         steps, errors = {}, {}
-        for name, (mode, cl, physical, thr) in VARIANTS.items():
+        for name, (mode, cl, physical, thr) in variants.items():
             if thr is not None and thr >= threads:
                 continue  # same as the default-thread variant
             try:
@@ -232,7 +237,7 @@ def run(args: Namespace) -> dict[str, Any]:
         timings = interleaved(steps, repeats=repeats, warmup=1)
         print(f"[dp_step] {size} px: memory probes", file=sys.stderr, flush=True)
         memory: dict[tuple, dict[str, Any]] = {}
-        for name, spec in VARIANTS.items():
+        for name, spec in variants.items():
             mode, cl, physical, thr = spec
             if thr is not None and thr >= threads:
                 continue
@@ -300,12 +305,15 @@ def run(args: Namespace) -> dict[str, Any]:
         "monai_fl_ext does not use it (hooks mode keeps the MONAI trainer unchanged).",
         "Ratios, not absolute times, are the result: the machine is shared and was also running other jobs.",
     ]
+    if len(chosen) < len(VARIANTS):
+        notes.append("Not run (left out with --variants): " + ", ".join(v for v in VARIANTS if v not in chosen) + ".")
     if skipped:
         notes.append("Variants that did not run: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
     return {
         "name": NAME,
         "description": DESCRIPTION,
-        "command": command(NAME, args, sizes=sizes, batch_size=batch_size, repeats=repeats),
+        "command": command(NAME, args, sizes=sizes, batch_size=batch_size, repeats=repeats,
+                           variants=",".join(chosen) if len(chosen) < len(VARIANTS) else None),
         "environment": env,
         "params": {
             "batch_size": batch_size,
@@ -315,6 +323,7 @@ def run(args: Namespace) -> dict[str, Any]:
             "noise_multiplier": NOISE,
             "max_grad_norm": CLIP,
             "physical_batch": PHYSICAL,
+            "variants": chosen,
             "norm": "group",
             "torch_threads": threads,
             "device": "cpu",

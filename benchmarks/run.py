@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     timing.add_argument("--norms", nargs="+", choices=("batch", "group", "instance"), help="central_training norms (default batch group)")
     timing.add_argument("--strides", type=int, nargs="+", help="central_training stem strides (default 2 1)")
     timing.add_argument("--all-configs", action="store_true", help="central_training: also time 224 px with stem stride 1 (minutes per step on a small CPU)")
+    timing.add_argument("--variants", help="dp_step: comma-separated variants to run (default all; 'non-private' is required)")
     timing.add_argument("--batch-size", type=int, help="central_training and dp_step batch size (default 32, the bundle's)")
     quality = parser.add_argument_group("data size / training (data_pipeline, central_auc)")
     quality.add_argument("--patients", type=int, help="synthetic patients (default 150 data_pipeline, 500 central_auc and fl_*; quick: 30 / 120 / 60)")

@@ -116,7 +116,9 @@ def plot_privacy_utility(rows: Sequence[Mapping[str, Any]], path: str | os.PathL
     if target_epsilon is not None:
         ax.axvline(target_epsilon, color="tab:red", linestyle=":", label=f"epsilon = {target_epsilon:g}")
     ax.set(xlabel="epsilon (max over sites)", ylabel="test macro AUC", title="privacy-utility trade-off")
-    ax.set_xscale("log")
+    eps = [p[0] for p in private]
+    if eps and max(eps) / max(min(eps), 1e-9) > 3:  # a log axis only helps when epsilons span a wide range
+        ax.set_xscale("log")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     save_figure(fig, path)
