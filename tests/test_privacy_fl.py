@@ -119,7 +119,7 @@ def test_fedprox_still_pulls_towards_the_global_model_under_dp_sgd(tiny_cohort, 
 
     _, _, partition_dir = tiny_cohort
     drift = {}
-    for mu in (0.0, 50.0):
+    for mu in (0.0, 500.0):  # lr 1e-3 x mu 500: each step pulls half-way back to the global model
         overrides = {**tiny_overrides, "norm": "group", "datalist": str(partition_dir / "site-1.json"), "seed": 1,
                      "ckpt_dir": str(tmp_path / f"m{mu}"), "output_dir": str(tmp_path / f"e{mu}")}
         algo = FederatedBundleAlgo(BUNDLE, overrides, local_term=FedProxTerm(mu),
@@ -128,4 +128,4 @@ def test_fedprox_still_pulls_towards_the_global_model_under_dp_sgd(tiny_cohort, 
         update = _round(algo, 0)
         drift[mu] = float(torch.sqrt(sum((v.float() ** 2).sum() for v in update.weights.values())))
         algo.finalize()
-    assert drift[50.0] < 0.9 * drift[0.0]  # the proximal step survives DP-SGD's gradient replacement
+    assert drift[500.0] < 0.7 * drift[0.0]  # the proximal step survives DP-SGD's gradient replacement
