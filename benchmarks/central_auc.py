@@ -8,7 +8,7 @@ from argparse import Namespace
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import BUNDLE, command, environment, sig
+from benchmarks.common import BUNDLE, DEMO_COHORT, command, environment, sig
 
 NAME = "central_auc"
 DESCRIPTION = (
@@ -74,9 +74,7 @@ def run(args: Namespace) -> dict[str, Any]:
         "params": {
             "patients": patients,
             "image_size": image_size,
-            "num_hospitals": 3,
-            "dirichlet_alpha": 0.5,
-            "seed": 0,
+            **DEMO_COHORT,
             "epochs": epochs,
             "counts": report["counts"],
             "prepare_seconds": sig(prepare_seconds, 3),

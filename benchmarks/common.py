@@ -87,3 +87,18 @@ def sig(x: float | None, digits: int = 4) -> float | None:
     if x is None:
         return None
     return float(f"{x:.{digits}g}")
+
+
+# The demo cohort every FL benchmark runs on: monai_fl_ext.demo.prepare_synthetic(workdir, spec, 3, 0.5), seed 0.
+DEMO_COHORT = {"num_hospitals": 3, "dirichlet_alpha": 0.5, "seed": 0}
+
+
+def fl_sizes(args: Any, quick_rounds: int, rounds: int, local_epochs: int = 1) -> tuple[int, int, int, int]:
+    """``(patients, image_size, rounds, local_epochs)`` of an FL benchmark: the CLI's values, else quick or full defaults."""
+    quick = bool(args.quick)
+    return (
+        args.patients or (60 if quick else 500),
+        args.image_size or (32 if quick else 64),
+        args.rounds or (quick_rounds if quick else rounds),
+        args.local_epochs or (1 if quick else local_epochs),
+    )

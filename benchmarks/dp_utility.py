@@ -9,7 +9,7 @@ from argparse import Namespace
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import BUNDLE, command, environment, sig
+from benchmarks.common import BUNDLE, DEMO_COHORT, command, environment, fl_sizes, sig
 
 NAME = "dp_utility"
 TARGET_RATIO = 0.90
@@ -41,10 +41,7 @@ def run(args: Namespace) -> dict[str, Any]:
     from monai_fl_ext.io import read_json
 
     quick = bool(args.quick)
-    patients = args.patients or (60 if quick else 500)
-    image_size = args.image_size or (32 if quick else 64)
-    rounds = args.rounds or (1 if quick else 8)
-    local_epochs = args.local_epochs or 1
+    patients, image_size, rounds, local_epochs = fl_sizes(args, quick_rounds=1, rounds=8)
     noise = list(getattr(args, "noise", None) or [])
     env = environment()
     tmp = None
@@ -138,9 +135,7 @@ def run(args: Namespace) -> dict[str, Any]:
         "params": {
             "patients": patients,
             "image_size": image_size,
-            "num_hospitals": 3,
-            "dirichlet_alpha": 0.5,
-            "seed": 0,
+            **DEMO_COHORT,
             "algorithm": "fedavg",
             "rounds": rounds,
             "local_epochs": local_epochs,

@@ -10,7 +10,7 @@ from argparse import Namespace
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import BUNDLE, command, environment, sig
+from benchmarks.common import BUNDLE, command, environment, fl_sizes, sig
 from benchmarks.timing import interleaved, with_threads
 
 NAME = "fl_overhead"
@@ -61,10 +61,7 @@ def run(args: Namespace) -> dict[str, Any]:
     from monai_fl_ext.io import read_json
 
     quick = bool(args.quick)
-    patients = args.patients or (60 if quick else 500)
-    image_size = args.image_size or (32 if quick else 64)
-    rounds = args.rounds or (1 if quick else 3)
-    local_epochs = args.local_epochs or (1 if quick else 2)
+    patients, image_size, rounds, local_epochs = fl_sizes(args, quick_rounds=1, rounds=3, local_epochs=2)
     repeats = args.repeats or (1 if quick else 2)
     threads = args.threads or 1
     overrides = {"spatial_size": [image_size, image_size], "seed": 0}

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import BUNDLE, command, environment, sig
+from benchmarks.common import BUNDLE, DEMO_COHORT, command, environment, fl_sizes, sig
 
 NAME = "fl_vs_central"
 TARGET_RATIO = 0.98
@@ -88,10 +88,7 @@ def run(args: Namespace) -> dict[str, Any]:
     from monai_fl_ext.io import read_json
 
     quick = bool(args.quick)
-    patients = args.patients or (60 if quick else 500)
-    image_size = args.image_size or (32 if quick else 64)
-    rounds = args.rounds or (2 if quick else 8)
-    local_epochs = args.local_epochs or 1
+    patients, image_size, rounds, local_epochs = fl_sizes(args, quick_rounds=2, rounds=8)
     algorithms = [a.strip() for a in (args.algorithms or ("fedavg" if quick else "fedavg,fedprox,scaffold")).split(",") if a.strip()]
     env = environment()
     tmp = None
@@ -178,9 +175,7 @@ def run(args: Namespace) -> dict[str, Any]:
         "params": {
             "patients": patients,
             "image_size": image_size,
-            "num_hospitals": 3,
-            "dirichlet_alpha": 0.5,
-            "seed": 0,
+            **DEMO_COHORT,
             "rounds": rounds,
             "local_epochs": local_epochs,
             "algorithms": algorithms,
