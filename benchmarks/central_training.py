@@ -6,7 +6,7 @@ import itertools
 from argparse import Namespace
 from typing import Any
 
-from benchmarks.common import bundle_parser, command, environment, sig
+from benchmarks.common import command, environment, sig, training_parts
 from benchmarks.timing import interleaved, with_threads
 
 NAME = "central_training"
@@ -56,17 +56,8 @@ def forward_gflops(network, size: int) -> float:
 
 def _train_step(size: int, norm: str, stride: int, batch_size: int):
     """A closure doing one train step of the bundle's network/loss/optimizer, and the network."""
-    import torch
 
-    parser = bundle_parser({"spatial_size": [size, size], "norm": norm, "stem_stride": stride})
-    torch.manual_seed(0)
-    network = parser.get_parsed_content("network").train()
-    loss_fn = parser.get_parsed_content("loss")
-    optimizer = parser.get_parsed_content("optimizer")
-    classes = parser.get_parsed_content("num_classes")
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(batch_size, 1, size, size, generator=g)
-    y = (torch.rand(batch_size, classes, generator=g) < 0.1).float()
+    network, loss_fn, optimizer, x, y = training_parts({"spatial_size": [size, size], "norm": norm, "stem_stride": stride}, batch_size)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)

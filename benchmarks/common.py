@@ -102,3 +102,29 @@ def fl_sizes(args: Any, quick_rounds: int, rounds: int, local_epochs: int = 1) -
         args.rounds or (quick_rounds if quick else rounds),
         args.local_epochs or (1 if quick else local_epochs),
     )
+
+
+def demo_cohort(work: Any, patients: int, image_size: int) -> tuple[Any, Any, Any]:
+    """The demo cohort under ``work``: ``(dataset_dir, datalist, partition_dir)`` (see :data:`DEMO_COHORT`)."""
+    from monai_fl_ext.data.synthetic import SyntheticSpec
+    from monai_fl_ext.demo import prepare_synthetic
+
+    spec = SyntheticSpec(num_patients=patients, image_size=image_size, num_hospitals=3, seed=0)
+    # the demo's min_site_size (20 training images per hospital) cannot be met by a quick-sized cohort
+    return prepare_synthetic(work, spec, 3, 0.5, progress=False, min_site_size=5 if patients < 200 else 20)
+
+
+def training_parts(overrides: dict[str, Any], batch_size: int) -> tuple[Any, Any, Any, Any, Any]:
+    """The bundle's network, loss and optimizer (from ``train.json`` with ``overrides``) and a fixed random batch."""
+    import torch
+
+    parser = bundle_parser(overrides)
+    torch.manual_seed(0)
+    network = parser.get_parsed_content("network").train()
+    loss_fn = parser.get_parsed_content("loss")
+    optimizer = parser.get_parsed_content("optimizer")
+    classes = parser.get_parsed_content("num_classes")
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(batch_size, 1, *overrides["spatial_size"], generator=g)
+    y = (torch.rand(batch_size, classes, generator=g) < 0.1).float()
+    return network, loss_fn, optimizer, x, y

@@ -10,7 +10,7 @@ import sys
 from argparse import Namespace
 from typing import Any
 
-from benchmarks.common import REPO, bundle_parser, command, environment, sig
+from benchmarks.common import REPO, command, environment, sig, training_parts
 from benchmarks.timing import interleaved, with_threads
 
 NAME = "dp_step"
@@ -72,15 +72,7 @@ def build_step(size: int, batch_size: int, mode: str, channels_last: bool = Fals
     """A closure doing one train step of the given variant on a fixed random batch (raises if Opacus refuses it)."""
     import torch
 
-    parser = bundle_parser({"spatial_size": [size, size], "norm": "group"})
-    torch.manual_seed(0)
-    network = parser.get_parsed_content("network").train()
-    loss_fn = parser.get_parsed_content("loss")
-    optimizer = parser.get_parsed_content("optimizer")
-    classes = parser.get_parsed_content("num_classes")
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(batch_size, 1, size, size, generator=g)
-    y = (torch.rand(batch_size, classes, generator=g) < 0.1).float()
+    network, loss_fn, optimizer, x, y = training_parts({"spatial_size": [size, size], "norm": "group"}, batch_size)
     if channels_last:
         network = network.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import BUNDLE, DEMO_COHORT, command, environment, fl_sizes, sig
+from benchmarks.common import BUNDLE, DEMO_COHORT, command, demo_cohort, environment, fl_sizes, sig
 
 NAME = "fl_vs_central"
 TARGET_RATIO = 0.98
@@ -81,8 +81,6 @@ def _convergence_table(out: Path, algorithms: list[str], local_epochs: int) -> l
 
 def run(args: Namespace) -> dict[str, Any]:
     """Benchmark ``fl_vs_central`` (see :data:`DESCRIPTION`)."""
-    from monai_fl_ext.data.synthetic import SyntheticSpec
-    from monai_fl_ext.demo import prepare_synthetic
     from monai_fl_ext.federated import run_compare
     from monai_fl_ext.flare.job import FederatedJobSpec
     from monai_fl_ext.io import read_json
@@ -101,10 +99,7 @@ def run(args: Namespace) -> dict[str, Any]:
     walls: dict[str, float] = {}
     start = time.perf_counter()
     try:
-        spec = SyntheticSpec(num_patients=patients, image_size=image_size, num_hospitals=3, seed=0)
-        # the demo's min_site_size (20 training images per hospital) cannot be met by a quick-sized cohort
-        dataset_dir, datalist, partition_dir = prepare_synthetic(work, spec, 3, 0.5, progress=False,
-                                                                 min_site_size=5 if patients < 200 else 20)
+        dataset_dir, datalist, partition_dir = demo_cohort(work, patients, image_size)
         prepare_seconds = time.perf_counter() - start
         out = work / "runs"
         job = FederatedJobSpec(
