@@ -302,6 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--partitions-root", default="partitions", help="the partition is written under this folder")
     p.add_argument("--quiet", action="store_true")
+
+    from monai_fl_ext.governance.commands import add_governance_commands  # audit-verify, report, registry
+
+    add_governance_commands(add)
     return parser
 
 
