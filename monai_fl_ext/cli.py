@@ -109,6 +109,15 @@ def _privacy(args: argparse.Namespace) -> dict | None:
     return settings
 
 
+def _secure_aggregation(args: argparse.Namespace) -> dict | None:
+    if not args.secure_agg:
+        return None
+    settings = {"bits": args.secagg_bits, "clip_range": args.secagg_clip, "max_weight": args.secagg_max_weight}
+    if args.secagg_threshold is not None:
+        settings["threshold"] = args.secagg_threshold
+    return settings
+
+
 def _job_spec(args: argparse.Namespace, algorithm: str | None = None):
     from monai_fl_ext.flare.job import FederatedJobSpec
 
@@ -121,6 +130,7 @@ def _job_spec(args: argparse.Namespace, algorithm: str | None = None):
         quantization=args.quantize, privacy=_privacy(args), name=args.name,
         client_dp={"clip": args.client_dp_clip, "noise_multiplier": args.client_dp_noise, "delta": args.dp_delta}
         if args.client_dp_clip else None,
+        secure_aggregation=_secure_aggregation(args),
     )
 
 
@@ -268,6 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
         dp.add_argument("--dp-budget", type=float, help="hard epsilon budget per site (default: the target); a site refuses a round past it")
         dp.add_argument("--client-dp-clip", type=float, help="client-level DP (DP-FedAvg): clip each site's update to this L2 norm")
         dp.add_argument("--client-dp-noise", type=float, default=1.0, help="DP-FedAvg noise multiplier (with --client-dp-clip)")
+        sa = p.add_argument_group("secure aggregation (pairwise masking: the server sees only the sum of the sites' updates)")
+        sa.add_argument("--secure-agg", action="store_true", help="aggregate with the SecureAggregate workflow (X25519, ChaCha20 masks, Shamir recovery)")
+        sa.add_argument("--secagg-bits", type=int, choices=[32, 64], default=32, help="fixed-point ring width: 32 (float32-sized messages) or 64")
+        sa.add_argument("--secagg-clip", type=float, default=8.0, help="update coordinates are clipped to +-this before encoding")
+        sa.add_argument("--secagg-max-weight", type=float, default=4096.0, help="largest aggregation weight (local steps or samples) a site may send")
+        sa.add_argument("--secagg-threshold", type=int, help="t of n: fewest sites that can finish a round (default: a strict majority)")
         p.add_argument("--quantize", choices=["float16", "blockwise8", "float4", "normfloat4"],
                        help="quantise model updates both ways with FLARE's filters (bytes per round are reported)")
         p.add_argument("--name", default="monai_fl_ext", help="FLARE job name")

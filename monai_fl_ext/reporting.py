@@ -25,19 +25,27 @@ def save_figure(fig: Figure, path: str | os.PathLike) -> None:
 
 
 def plot_drift(history: Mapping[str, Any], path: str | os.PathLike) -> None:
-    """Update norm per site over rounds, mean pairwise cosine over rounds, and the last round's cosine heatmap."""
+    """Update norm per site over rounds, mean pairwise cosine over rounds, and the last round's cosine heatmap.
+
+    Under secure aggregation the server never sees single updates: only the norms sites report are drawn.
+    """
     rounds = [r for r in history["rounds"] if r.get("aggregated")]
     if not rounds:
         return
-    fig = Figure(figsize=(13, 3.8))
-    ax_norm, ax_cos, ax_heat = fig.subplots(1, 3)
+    secure = any("cosine" not in r for r in rounds)
+    fig = Figure(figsize=(5 if secure else 13, 3.8))
+    ax_norm, *rest = fig.subplots(1, 1 if secure else 3, squeeze=False)[0]
     sites = sorted({s for r in rounds for s in r["update_norm"]})
     for site in sites:
         pts = [(r["round"], r["update_norm"][site]) for r in rounds if site in r["update_norm"]]
         ax_norm.plot(*zip(*pts), marker="o", label=site)
-    ax_norm.set(title="update L2 norm", xlabel="round")
+    ax_norm.set(title="update L2 norm" + (" (site-reported, before masking)" if secure else ""), xlabel="round")
     ax_norm.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_norm.legend(fontsize=7)
+    if secure:
+        save_figure(fig, path)
+        return
+    ax_cos, ax_heat = rest
     mean_cos = []
     for r in rounds:
         c = np.asarray(r["cosine"])

@@ -26,6 +26,7 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from monai_fl_ext.algo import FederatedBundleAlgo
 from monai_fl_ext.algorithms import ALGORITHMS, make_local_term
 from monai_fl_ext.metrics import split_metrics
+from monai_fl_ext.flare.secure import PAYLOAD, TASKS, SecureAggregationSite
 from monai_fl_ext.privacy import BudgetExceeded, DPSettings
 
 NUM_STEPS = "NUM_STEPS_CURRENT_ROUND"  # nvflare.apis.fl_constant.FLMetaKey.NUM_STEPS_CURRENT_ROUND
@@ -104,16 +105,23 @@ def main(argv: list[str] | None = None) -> None:
         privacy_state=Path(overrides["ckpt_dir"]).parent / "privacy_accountant.json",
     )
     algo.initialize(extra={ExtraItems.CLIENT_NAME: site, ExtraItems.APP_ROOT: ""})
+    secure = SecureAggregationSite(site, flare.get_job_id())
     while flare.is_running():
         model = flare.receive()
         if model is None:
             break
         try:
-            if flare.is_train():
+            if flare.get_task_name() in TASKS:
+                flare.send(secure.handle(flare.get_task_name(), model))
+            elif flare.is_train():
+                masked = PAYLOAD in (model.meta or {})
+                if masked:
+                    secure.prepare_training(model)
                 if model.current_round in fail_rounds:
                     raise RuntimeError(f"injected failure at {site}, round {model.current_round}")
                 time.sleep(args.delay)
-                flare.send(train_round(algo, model))
+                result = train_round(algo, model)
+                flare.send(secure.mask(model, result) if masked else result)
             elif flare.is_evaluate():
                 scalars, per_label = split_metrics(algo.evaluate(_exchange(model)).metrics)
                 flare.send(FLModel(metrics=scalars, meta={"per_label": per_label}))

@@ -64,6 +64,8 @@ class FederatedBundleController(BaseFedAvg):
         persistor_id: id of FLARE's model persistor component.
     """
 
+    shares_local_models = True  # the server sees each site's update (cross-site evaluation of local models)
+
     def __init__(
         self,
         num_rounds: int = 3,
@@ -151,33 +153,19 @@ class FederatedBundleController(BaseFedAvg):
             sites = self.sample_clients()
             all_sites = sorted(set(all_sites) | set(sites))
             self.info(f"round {self.current_round}: training at {sites}")
-            results = self.broadcast_model(
-                data=model, task_name="train", targets=sites, min_responses=self.min_clients,
-                timeout=self.train_timeout, wait_time_after_min_received=self.wait_time_after_min_received, blocking=True,
-            )
-            ok, failed = self._split_results(sites, results)
-            record = self._round_record(ok, failed, time.time() - start)
-            exhausted = sorted(r.meta.get("client_name", "?") for r in results if r.meta.get("budget_exhausted"))
-            if exhausted:
-                self.warning(f"round {self.current_round}: privacy budget reached at {exhausted}; ending the job "
-                             f"with the global model of the previous round")
+            record, mean_update, ok = self._train_round(model, sites, start)
+            if mean_update is None:
                 record["aggregated"] = False
                 self.history["rounds"].append(record)
-                self.history["status"] = f"stopped at round {self.current_round}: privacy budget reached at {', '.join(exhausted)}"
-                break
-            if len(ok) < self.min_clients:
-                self.warning(f"round {self.current_round}: only {len(ok)} of min_clients={self.min_clients} answered; "
-                             f"stopping with the global model of the previous round. Left out: {failed}")
-                record["aggregated"] = False
-                self.history["rounds"].append(record)
-                self.history["status"] = f"stopped at round {self.current_round}: too few sites"
-                break
+                if self.history["status"] != "running":
+                    break
+                self._flush()
+                continue
             model_before = dict(model.params)
             metric = record["global_metrics"].get(self.key_metric)
             if metric is not None and metric > self._best_metric and self.current_round > self.start_round:
                 self._best_metric = metric  # sites evaluated the model they received: last round's global
                 self._save_state_dict(model_before, "best_global_model.pt")
-            mean_update = self._aggregate_updates(ok, record)
             if optimizer is not None:
                 model.params = optimizer.step(model.params, mean_update)
             else:
@@ -189,13 +177,45 @@ class FederatedBundleController(BaseFedAvg):
             model.params_type = ParamsType.FULL
             self.fl_ctx.set_prop("global_model", model, private=True, sticky=False)
             self.save_model(model)
-            last_updates = {r.meta["client_name"]: (model_before, r.params) for r in ok}
+            if self.shares_local_models:
+                last_updates = {r.meta["client_name"]: (model_before, r.params) for r in ok}
             record["aggregated"] = True
             record["seconds"] = time.time() - start
             self.history["rounds"].append(record)
             self._log_round(record)
             self._flush()
         self._finish(model, last_updates, all_sites)
+
+    def _train_round(self, model: FLModel, sites: list[str], start: float) -> tuple[dict[str, Any], dict[str, np.ndarray] | None, list[FLModel]]:
+        """Train at ``sites`` and aggregate: the round's record, the mean update, and the accepted results.
+
+        A mean update of None means the round is not applied; a history status other than ``running``
+        then ends the job (budget reached, too few sites).
+        """
+        results = self.broadcast_model(
+            data=model, task_name="train", targets=sites, min_responses=self.min_clients,
+            timeout=self.train_timeout, wait_time_after_min_received=self.wait_time_after_min_received, blocking=True,
+        )
+        ok, failed = self._split_results(sites, results)
+        record = self._round_record(ok, failed, time.time() - start)
+        if not self._may_aggregate(results, ok, failed):
+            return record, None, ok
+        return record, self._aggregate_updates(ok, record), ok
+
+    def _may_aggregate(self, results: list[FLModel], ok: list[FLModel], failed: dict[str, str]) -> bool:
+        """False, with the job's stop status set, when a site's budget is spent or too few sites answered."""
+        exhausted = sorted(r.meta.get("client_name", "?") for r in results if r.meta.get("budget_exhausted"))
+        if exhausted:
+            self.warning(f"round {self.current_round}: privacy budget reached at {exhausted}; ending the job "
+                         f"with the global model of the previous round")
+            self.history["status"] = f"stopped at round {self.current_round}: privacy budget reached at {', '.join(exhausted)}"
+            return False
+        if len(ok) < self.min_clients:
+            self.warning(f"round {self.current_round}: only {len(ok)} of min_clients={self.min_clients} answered; "
+                         f"stopping with the global model of the previous round. Left out: {failed}")
+            self.history["status"] = f"stopped at round {self.current_round}: too few sites"
+            return False
+        return True
 
     def _config(self) -> dict[str, Any]:
         keys = ("num_rounds", "min_clients", "algorithm", "fedprox_mu", "server_optimizer", "server_lr", "server_momentum",

@@ -53,6 +53,9 @@ class FederatedJobSpec:
         privacy: DP-SGD at every site, as :class:`~monai_fl_ext.privacy.DPSettings` fields (e.g.
             ``{"target_epsilon": 8.0}``); the bundle is switched to ``norm=group``.
         client_dp: client-level DP-FedAvg at the server: ``{"clip": C, "noise_multiplier": z, "delta": d}``.
+        secure_aggregation: aggregate by pairwise masking (:class:`~monai_fl_ext.flare.secure.SecureAggregateController`):
+            ``{}`` for the defaults, or settings ``bits``, ``clip_range``, ``max_weight``, ``threshold``,
+            ``report_counts``; None aggregates in the clear.
         name: job name.
     """
 
@@ -80,6 +83,7 @@ class FederatedJobSpec:
     quantization: str | None = None
     privacy: dict[str, Any] | None = None
     client_dp: dict[str, float] | None = None
+    secure_aggregation: dict[str, Any] | None = None
     name: str = "monai_fl_ext"
 
     def __post_init__(self) -> None:
@@ -126,8 +130,34 @@ class FederatedJobSpec:
 
             if not torch.cuda.is_available():  # FLARE's quantiser runs bitsandbytes' blockwise kernels on CUDA only
                 raise InputError(f"quantization={self.quantization!r} needs a CUDA build of torch and a GPU; use float16 on CPU")
+        if self.secure_aggregation is not None:
+            self._validate_secure_aggregation(sites)
         if not Path(self.dataset_dir).is_dir():
             raise InputError(f"dataset_dir {self.dataset_dir} is not a folder")
+
+
+    def _validate_secure_aggregation(self, sites: list[str]) -> None:
+        from monai_fl_ext.flare.secure import SETTINGS
+        from monai_fl_ext.secagg import FixedPoint, default_threshold
+
+        settings = dict(self.secure_aggregation)
+        unknown = set(settings) - set(SETTINGS)
+        if unknown:
+            raise InputError(f"unknown secure_aggregation settings {sorted(unknown)}; known: {list(SETTINGS)}")
+        clash = {"algorithm=scaffold": self.algorithm == "scaffold", "client_dp": self.client_dp is not None,
+                 "quantization": self.quantization is not None}
+        if any(clash.values()):
+            raise InputError(f"secure aggregation cannot be combined with {[k for k, v in clash.items() if v]}: "
+                             "the server would need each site's individual update (or, for quantization, would alter the masked ring values)")
+        if len(sites) < 2:
+            raise InputError(f"secure aggregation needs at least 2 sites; {self.partition_dir} has {len(sites)}")
+        threshold = settings.get("threshold") or default_threshold(len(sites))
+        if not 2 <= threshold <= len(sites):
+            raise InputError(f"secure_aggregation threshold must be between 2 and the {len(sites)} sites, got {threshold}")
+        try:
+            FixedPoint(len(sites), **{k: settings[k] for k in ("bits", "clip_range", "max_weight") if k in settings})
+        except (TypeError, ValueError) as e:
+            raise InputError(f"secure_aggregation: {e}") from e
 
 
 def _client_args(spec: FederatedJobSpec, bundle_root: Path, site: str, shared_machine: bool) -> str:
@@ -175,7 +205,14 @@ def build_job(spec: FederatedJobSpec, shared_machine: bool = True):
     job = BaseFedJob(name=spec.name, min_clients=min_clients)
     job.to_server(PTModel(model=bundle_model_spec(str(bundle_root), spec.overrides),
                           persistor=BundleModelPersistor(str(bundle_root), spec.overrides)))
-    job.to_server(FederatedBundleController(
+    controller = FederatedBundleController
+    extra: dict[str, Any] = {}
+    if spec.secure_aggregation is not None:
+        from monai_fl_ext.flare.secure import SecureAggregateController
+
+        controller, extra = SecureAggregateController, {"secure_aggregation": dict(spec.secure_aggregation)}
+    job.to_server(controller(
+        **extra,
         num_rounds=spec.num_rounds, min_clients=min_clients, algorithm=spec.algorithm, fedprox_mu=spec.fedprox_mu,
         server_optimizer=spec.server_optimizer, server_lr=spec.server_lr, server_momentum=spec.server_momentum,
         weighting=spec.weighting, site_weights=spec.site_weights, train_timeout=spec.train_timeout,

@@ -12,13 +12,18 @@ def build_bundle_network(bundle_root: str, overrides: dict[str, Any] | None = No
     """Instantiate ``network_key`` of ``bundle_root/configs/train.json`` with ``overrides`` (e.g. ``{"norm": "group"}``).
 
     FLARE's persistor calls this by path (``{"path": "monai_fl_ext.flare.network.build_bundle_network", "args": ...}``).
+    The initial weights come from the bundle's ``seed`` (when it has one), so a federated run repeats.
     """
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config(os.path.join(bundle_root, "configs", "train.json"))
     parser.update({"bundle_root": bundle_root, **(overrides or {})})
-    return parser.get_parsed_content(network_key)
+    seed = parser.get("seed")
+    with torch.random.fork_rng(devices=[]):  # seeds only this construction, not the caller's generator
+        if seed is not None:
+            torch.manual_seed(int(seed))
+        return parser.get_parsed_content(network_key)
 
 
 def bundle_model_spec(bundle_root: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
