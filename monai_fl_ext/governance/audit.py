@@ -146,7 +146,7 @@ def load_or_create_key(path: str | os.PathLike) -> Ed25519PrivateKey:
 
 
 def load_public_key(key: str | os.PathLike | bytes | Ed25519PublicKey | Ed25519PrivateKey) -> Ed25519PublicKey:
-    """An Ed25519 public key from a PEM file, PEM bytes, a public key or a private key.
+    """An Ed25519 public key from a PEM file or PEM bytes (public, or the private key itself), or a key object.
 
     Raises:
         InputError: the file is missing or holds no Ed25519 public key.
@@ -162,7 +162,10 @@ def load_public_key(key: str | os.PathLike | bytes | Ed25519PublicKey | Ed25519P
         except OSError as e:
             raise InputError(f"{key}: cannot read the public key ({e.strerror or e})") from e
     try:
-        public = serialization.load_pem_public_key(data)
+        if b"PRIVATE KEY" in data:  # the server's own key file: use its public half
+            public = serialization.load_pem_private_key(data, password=None).public_key()
+        else:
+            public = serialization.load_pem_public_key(data)
     except (ValueError, TypeError) as e:
         raise InputError(f"{key if not isinstance(key, bytes) else 'public key'}: not a PEM public key ({e})") from e
     if not isinstance(public, Ed25519PublicKey):
@@ -412,7 +415,7 @@ def verify_trail(path: str | os.PathLike, public_key: Any = None) -> Verdict:
             head_seq = None
         if head_seq is not None and head_seq >= n:
             return bad(TRUNCATED, f"the trail ends at seq {n - 1} but its signed head says seq {head_seq} was written: "
-                                  f"records {n}..{head_seq} were removed from the end", first_bad_seq=n, first_bad_line=n + 1,
+                                  f"record {n}" + (f" to {head_seq}" if head_seq > n else "") + " removed from the end", first_bad_seq=n, first_bad_line=n + 1,
                        **{k: v for k, v in done.items() if k != "complete"})
     status = "complete (ends with job_end)" if done["complete"] else f"open: last event {last_event!r} (job still running or ended abnormally)"
     return Verdict(True, OK, f"{path}: {n} records verified with key {kid}; {status}", str(path), **done)

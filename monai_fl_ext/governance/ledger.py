@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -181,37 +182,75 @@ class RawUpdateFinding:
         return f"{self.file}: contains {self.site}'s update of {self.tensor!r} ({self.how})"
 
 
-def _needles(site: str, update: Mapping[str, Any], samples: int, min_bytes: int) -> list[tuple[str, str, bytes]]:
-    """(tensor, how, bytes) patterns that would betray ``update``: raw float32/float16/float64 runs and printed values."""
-    out = []
+NUMBER = re.compile(rb"-?\d+\.\d{5,}(?:e[-+]?\d+)?")  # how Python and numpy print a float with many digits
+
+
+def _needles(update: Mapping[str, Any], samples: int, min_bytes: int) -> tuple[list[tuple[str, str, bytes]], dict[bytes, tuple[str, str]]]:
+    """Patterns that would betray ``update``.
+
+    Returns:
+        ``(raw, printed)``: raw = (tensor, how, bytes) runs of float32/float64/float16 values starting at the first
+        non-zero element; printed = text of distinctive elements (8+ significant digits) -> (tensor, how).
+    """
+    raw, printed = [], {}
     for name in sorted(update):
         arr = _as_array(update[name])
         if not np.issubdtype(arr.dtype, np.floating) or arr.size == 0:
             continue
         flat = arr.ravel()
+        nonzero = np.flatnonzero(flat)
+        if nonzero.size == 0:
+            continue
         for dtype in (np.float32, np.float64, np.float16):
-            raw = np.ascontiguousarray(flat.astype(dtype)).tobytes()
-            n = min(len(raw), max(min_bytes, 8 * np.dtype(dtype).itemsize))
-            if n >= min_bytes and np.any(flat[: n // np.dtype(dtype).itemsize] != 0):
-                out.append((name, f"raw {np.dtype(dtype).name} bytes", raw[:n]))
-        # printed values: only distinctive ones (many significant digits), so a match is never a coincidence
-        idx = np.flatnonzero(np.abs(flat) > 1e-4)[:samples]
-        for i in idx:
+            size = np.dtype(dtype).itemsize
+            values = flat[nonzero[0]:].astype(dtype)
+            count = max(-(-min_bytes // size), 8 // size)
+            if values.size < count or np.count_nonzero(values[: 8 // size]) < 8 // size:
+                continue  # too short, or a key (first 8 bytes) with zeros would match by coincidence
+            raw.append((name, f"raw {np.dtype(dtype).name} bytes from element {int(nonzero[0])}",
+                        np.ascontiguousarray(values[:count]).astype(np.dtype(dtype).newbyteorder("<")).tobytes()))
+        for i in np.flatnonzero(np.abs(flat) > 1e-4)[:samples]:
             v32 = np.float32(flat[i])
             for text in {repr(float(v32)), str(v32), repr(float(flat[i]))}:
-                digits = sum(c.isdigit() for c in text.lstrip("-0."))
-                if digits >= 8:
-                    out.append((name, f"printed value {text} (element {int(i)})", text.encode("ascii")))
-    return out
+                if sum(c.isdigit() for c in text.split("e")[0].lstrip("-0.")) >= 8:
+                    printed[text.encode("ascii")] = (name, f"printed value {text} (element {int(i)})")
+    return raw, printed
+
+
+def _raw_matches(data: bytes, patterns: list[tuple[str, str, str, bytes]]) -> list[tuple[str, str, str]]:
+    """(site, tensor, how) of the patterns found anywhere in ``data`` (any alignment), in linear passes.
+
+    Each pattern's first 8 bytes are its key; every 8-byte word of the file, at each of the 8 offsets, is
+    looked up in a 2**22-entry table of key bits (vectorised), and only the few candidates are compared.
+    """
+    if len(data) < 8 or not patterns:
+        return []
+    by_key: dict[int, list[tuple[str, str, str, bytes]]] = {}
+    for p in patterns:
+        by_key.setdefault(int.from_bytes(p[3][:8], "little"), []).append(p)
+    mask = np.uint64((1 << 22) - 1)
+    table = np.zeros(1 << 22, dtype=bool)
+    table[np.fromiter(by_key, dtype=np.uint64) & mask] = True
+    found = []
+    for offset in range(8):
+        words = np.frombuffer(data, dtype="<u8", count=(len(data) - offset) // 8, offset=offset)
+        for i in np.flatnonzero(table[words & mask]):
+            pos = offset + 8 * int(i)
+            for site, tensor, how, pattern in by_key.get(int(words[i]), ()):
+                if data[pos:pos + len(pattern)] == pattern:
+                    found.append((site, tensor, how))
+    return found
 
 
 def find_raw_updates(folder: str | os.PathLike | Iterable[str | os.PathLike], updates: Mapping[str, Mapping[str, Any]],
                      samples: int = 8, min_bytes: int = 32) -> list[RawUpdateFinding]:
     """Scan every file under ``folder`` for any site's raw update, as bytes or as printed numbers.
 
-    Looks for the first ``min_bytes`` (at least 8 values) of each floating tensor of each update as float32,
-    float64 and float16 bytes, and for ``samples`` distinctive elements per tensor printed as text. Files
-    compressed by their format (PNG, PDF streams) are scanned as stored: a plot is not a leak of weights.
+    Looks, at any byte offset, for a run of ``min_bytes`` (at least 8 bytes) of each floating tensor of each
+    update as float32, float64 and float16 (little-endian, from its first non-zero element), and for
+    ``samples`` distinctive elements per tensor printed as Python/numpy print them (8+ significant digits)
+    among the numbers written in the file. Compressed content (PNG, PDF streams, zip deflate) is scanned as
+    stored; a plot of statistics is not a leak of weights.
 
     Args:
         folder: a folder (scanned recursively) or a list of folders/files.
@@ -220,21 +259,27 @@ def find_raw_updates(folder: str | os.PathLike | Iterable[str | os.PathLike], up
         min_bytes: shortest byte run that counts as a match.
 
     Returns:
-        One finding per (file, site, tensor) found; empty when nothing leaked.
+        One finding per (file, site, tensor); empty when nothing leaked.
     """
     roots = [folder] if isinstance(folder, (str, os.PathLike)) else list(folder)
     files = []
     for root in map(Path, roots):
         files += [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    needles = [(site, *n) for site, upd in updates.items() for n in _needles(site, upd, samples, min_bytes)]
+    raw, printed = [], {}
+    for site, update in updates.items():
+        r, p = _needles(update, samples, min_bytes)
+        raw += [(site, *x) for x in r]
+        printed.update({text: (site, *where) for text, where in p.items()})
     findings: list[RawUpdateFinding] = []
     seen = set()
     for f in files:
         data = f.read_bytes()
-        for site, tensor, how, pattern in needles:
-            if (f, site, tensor) not in seen and pattern in data:
-                seen.add((f, site, tensor))
+        hits = _raw_matches(data, raw) + [printed[t] for t in set(NUMBER.findall(data)) if t in printed]
+        for site, tensor, how in hits:
+            if (site, tensor) not in seen:
+                seen.add((site, tensor))
                 findings.append(RawUpdateFinding(str(f), site, tensor, how))
+        seen.clear()
     return findings
 
 

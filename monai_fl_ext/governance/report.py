@@ -113,7 +113,10 @@ def write_pdf(job: dict[str, Any], plots: dict[str, Path], path: str | os.PathLi
         if pdf.get_y() > pdf.h - 90:
             pdf.add_page()
         heading(title)
-        pdf.image(str(png), w=min(width, 180))
+        from PIL import Image
+
+        with Image.open(png) as im:  # drawn at 110 dpi: show at 80% of natural size, at most the page width
+            pdf.image(str(png), w=min(width, im.width / 110 * 25.4 * 0.8))
     heading("Audit events")
     table(["event", "records"], [[k, str(v)] for k, v in sorted(verdict.events.items())], widths=(3, 1))
     para(f"verified with key {verdict.key_id}; {verdict.records} records; trail {verdict.path}", size=7)
