@@ -518,3 +518,38 @@ def test_real_federated_dp_run_leaves_a_verified_trail_registry_ledger_and_repor
     site_models = {p.parts[-3]: load_state(p) for p in (tmp_path / "fl" / "sites").glob("site-*/models/model.pt")}
     assert set(site_models) == set(SITES)
     assert assert_no_raw_updates([server / "governance", out], site_models) > 5
+
+
+def test_secure_aggregation_job_records_only_what_sites_report(tmp_path):
+    from monai_fl_ext.governance import GovernanceRecorder, verify_trail
+    from monai_fl_ext.governance.report import build_report
+    from monai_fl_ext.io import atomic_write_json
+
+    server = tmp_path / "server"
+    secagg = {"bits": 32, "clip_range": 8.0, "max_weight": 4096.0, "threshold": 2, "report_counts": True}
+    config = {"algorithm": "fedavg", "num_rounds": 1, "weighting": "steps", "secure_aggregation": secagg}
+    rec = GovernanceRecorder(server / "governance", job_id="secagg-job")
+    rec.job_start(config, sites=list(SITES))
+    rec.round_start(0, SITES)
+    for i, s in enumerate(SITES):
+        rec.update_accepted(0, s, {"reported_norm": 1.0 + i, "samples": 10, "local_steps": 2})
+    record = {"round": 0, "sites_ok": list(SITES), "sites_failed": {}, "weights": {}, "aggregated": True,
+              "update_norm": {s: 1.0 + i for i, s in enumerate(SITES)}, "global_metrics": {},
+              "secure_aggregation": {**secagg, "contributors": list(SITES), "dropped": [], "aborted": None}}
+    rec.aggregated(0, record)
+    rec.round_start(1, SITES)
+    rec.budget_refusal(1, "site-2", {"detail": "epsilon 8.1 would exceed budget 8.0", "epsilon": 7.9, "budget_epsilon": 8.0})
+    rec.job_end("stopped at round 1: privacy budget reached at site-2")
+    atomic_write_json(server / "history.json", {"config": config, "rounds": [record], "status": "stopped at round 1: privacy budget reached at site-2"})
+    entries = json.loads((server / "governance" / "ledger.json").read_text())["entries"]
+    accepted = [e for e in entries if e["status"] == "accepted"]
+    assert [e["reported_norm"] for e in accepted] == [1.0, 2.0, 3.0]
+    assert all("update_norm" not in e and "cosine_to_aggregate" not in e for e in accepted)
+    assert any(e["status"] == "rejected" and "privacy budget" in e["reason"] for e in entries)
+    verdict = verify_trail(server / "governance" / "audit_trail.jsonl")
+    assert verdict.ok and verdict.events["budget_refusal"] == 1
+    result = build_report(server)
+    assert "drift.png" not in result["plots"] and not any("plot" in m for m in result["missing"])
+    assert any("no final global model" in m for m in result["missing"])
+    page = Path(result["dashboard"]).read_text()
+    assert "clip_range 8" in page and "threshold 2" in page

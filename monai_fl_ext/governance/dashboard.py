@@ -159,7 +159,9 @@ def make_plots(job: Mapping[str, Any], folder: str | os.PathLike) -> dict[str, P
                                       else _ledger_history(ledger or {}), p)),
         ("Validation metrics per round", "metrics.png", lambda p: _plot_metrics(history or {}, p)),
         ("Contributions", "contributions.png", lambda p: _plot_contributions(ledger or {}, p)),
-        ("Update drift", "drift.png", lambda p: (plot_drift(history, p), p.exists())[1] if history else False),
+        ("Update drift", "drift.png",  # needs the server to see each update: absent under secure aggregation
+         lambda p: (plot_drift(history, p), p.exists())[1] if history and all("cosine" in r for r in history.get("rounds", [])
+                                                                               if r.get("aggregated")) else False),
     ]
     for title, name, draw in attempts:
         path = folder / name
