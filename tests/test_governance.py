@@ -176,6 +176,7 @@ def test_intact_trail_verifies_and_is_continued_by_a_new_process(tmp_path):
     ("truncate_torn", "truncated", 7),
     ("truncate_tail", "truncated", 6),
     ("garbage", "corrupted", 2),
+    ("bad_types", "corrupted", 4),
 ])
 def test_tampering_is_detected_and_names_the_first_bad_record(tmp_path, tamper, reason, first_bad):
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -213,6 +214,10 @@ def test_tampering_is_detected_and_names_the_first_bad_record(tmp_path, tamper, 
         lines = lines[:6]
     elif tamper == "garbage":
         lines[2] = b"\x00\xff not json\n"
+    elif tamper == "bad_types":  # valid JSON, wrong shape: must give a verdict, not a TypeError
+        rec = json.loads(lines[4])
+        rec["seq"] = "4"
+        lines[4] = json.dumps(rec).encode() + b"\n"
     trail.path.write_bytes(b"".join(lines))
     verdict = verify_trail(trail.path, tmp_path / "keys" / "server.pem")
     assert not verdict.ok, verdict.message

@@ -322,6 +322,20 @@ class Verdict:
         return {**dataclasses.asdict(self), "message": self.message}
 
 
+def _well_formed(rec: Any) -> bool:
+    """A dict with every record key, of the right types, whose canonical JSON exists (no NaN)."""
+    if not isinstance(rec, dict) or any(k not in rec for k in RECORD_KEYS):
+        return False
+    types = {"seq": int, "time": (int, float), "event": str, "fields": dict, "key_id": str, "prev_hash": str, "hash": str, "signature": str}
+    if any(not isinstance(rec[k], t) or isinstance(rec[k], bool) for k, t in types.items()):
+        return False
+    try:
+        canonical_json(rec)
+    except ValueError:
+        return False
+    return True
+
+
 def verify_trail(path: str | os.PathLike, public_key: Any = None) -> Verdict:
     """Check a trail record by record and name the first bad one; never raises for a bad trail.
 
@@ -357,9 +371,9 @@ def verify_trail(path: str | os.PathLike, public_key: Any = None) -> Verdict:
     for raw in lines:
         try:
             rec = json.loads(raw.decode("utf-8"))
-            parsed.append(rec if isinstance(rec, dict) and all(k in rec for k in RECORD_KEYS) else None)
         except (UnicodeDecodeError, json.JSONDecodeError):
-            parsed.append(None)
+            rec = None
+        parsed.append(rec if _well_formed(rec) else None)
     seqs_later = [rec["seq"] if rec is not None else None for rec in parsed]
     prev, events, last_event, last_hash = GENESIS, {}, None, None
 

@@ -62,8 +62,8 @@ def contribution_stats(update: Mapping[str, Any], aggregate: Mapping[str, Any] |
 
 def _scalar(site: str, rnd: int, name: str, value: Any) -> Any:
     """``value`` if it is a scalar or a short string, else an error naming site, round and field."""
-    if value is None or isinstance(value, bool):
-        return value
+    if value is None or isinstance(value, (bool, np.bool_)):
+        return None if value is None else bool(value)
     if isinstance(value, (int, float, np.integer, np.floating)):
         v = float(value) if isinstance(value, (float, np.floating)) else int(value)
         return v if not isinstance(v, float) or math.isfinite(v) else str(v)
