@@ -14,7 +14,8 @@ from PIL import Image
 
 from monai_fl_ext.cli import build_parser, main
 
-SUBCOMMANDS = ("generate", "load-nih", "load-medmnist", "partition", "central", "demo", "federated", "compare", "dp-sweep")
+SUBCOMMANDS = ("generate", "load-nih", "load-medmnist", "partition", "central", "demo", "federated", "compare", "dp-sweep",
+               "audit-verify", "report", "registry")
 
 
 @pytest.fixture(scope="module")
