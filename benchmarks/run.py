@@ -27,6 +27,7 @@ from benchmarks import (
     fl_overhead,
     fl_vs_central,
     secagg_cost,
+    secagg_fl,
 )
 from benchmarks.common import REPO
 from benchmarks.report import docs_markdown, result_markdown
@@ -40,6 +41,7 @@ REGISTRY: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     dp_step.NAME: dp_step.run,
     dp_utility.NAME: dp_utility.run,
     secagg_cost.NAME: secagg_cost.run,
+    secagg_fl.NAME: secagg_fl.run,
 }
 SUMMARIES = {
     data_pipeline.NAME: "images/s through the bundle's transforms: uncached vs cached vs cached+random, 64 and 224 px (~1-3 min)",
@@ -49,6 +51,7 @@ SUMMARIES = {
     fl_overhead.NAME: "FLARE simulation vs the same one-site training without FLARE, interleaved: wall-time ratio, target <= 1.15 (~10-15 min)",
     dp_step.NAME: "DP-SGD (Opacus) train step vs the non-private GroupNorm step, interleaved: time and peak-memory ratios by variant, target <= 3x (~5-15 min)",
     secagg_cost.NAME: "secure aggregation per round (mask, unmask, bytes) at 3/10/30 sites, 0/30% dropout, vs plain FedAvg and CKKS (~5-10 min)",
+    secagg_fl.NAME: "FedAvg with vs without secure aggregation in FLARE simulation, 3 and 10 sites: round time ratio (target <= 1.10) and test AUC (~10-20 min)",
     dp_utility.NAME: "FedAvg test macro AUC with DP-SGD at epsilon 8 vs without DP (GroupNorm both), target ratio >= 0.90 (~20-40 min)",
 }
 REQUIRED_KEYS = ("name", "description", "command", "environment", "params", "rows", "summary")

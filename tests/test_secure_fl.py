@@ -79,3 +79,15 @@ def test_poc_mode_real_processes_with_secure_aggregation(tiny_cohort, tmp_path):
     for r in history["rounds"]:
         assert r["aggregated"] and r["secure_aggregation"]["contributors"] == ["site-1", "site-2", "site-3"]
         assert r["secure_aggregation"]["bits"] == 64 and r["secure_aggregation"]["error_bound"] < 1e-9
+
+
+def test_cli_secure_agg_flags_reach_the_job_spec(tiny_cohort, tmp_path):
+    from monai_fl_ext.cli import _job_spec, build_parser
+
+    dataset_dir, datalist, partition_dir = tiny_cohort
+    base = ["federated", "--dataset-dir", str(dataset_dir), "--datalist", str(datalist), "--partition", str(partition_dir),
+            "--out", str(tmp_path)]
+    assert _job_spec(build_parser().parse_args(base)).secure_aggregation is None
+    spec = _job_spec(build_parser().parse_args([*base, "--secure-agg", "--secagg-bits", "64", "--secagg-threshold", "3"]))
+    assert spec.secure_aggregation == {"bits": 64, "clip_range": 8.0, "max_weight": 4096.0, "threshold": 3}
+    spec.validate()
