@@ -411,6 +411,21 @@ def test_report_of_an_incomplete_job_says_what_is_missing(tiny_job, tmp_path):
     assert Path(bare["pdf"]).stat().st_size > 0
 
 
+def test_report_cross_checks_registry_and_model_files_against_the_signed_trail(tiny_job, tmp_path):
+    from monai_fl_ext.governance.report import build_report
+    from monai_fl_ext.io import atomic_write_json
+
+    server = tmp_path / "server"
+    shutil.copytree(tiny_job[0], server)
+    registry = json.loads((server / "governance" / "registry.json").read_text())
+    registry["versions"][1]["weights_sha256"] = "0" * 64  # the registry is not signed: the trail is the reference
+    atomic_write_json(server / "governance" / "registry.json", registry)
+    _save({"x": torch.ones(3)}, server / "models" / "final_global_model.pt")  # model swapped after the job
+    missing = " | ".join(build_report(server)["missing"])
+    assert "registry version 'round-0': weights_sha256 differs from the signed audit trail" in missing
+    assert "models/final_global_model.pt changed since it was registered as 'final@round-1'" in missing
+
+
 def test_dashboard_renders_in_headless_chromium(tiny_job, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if chromium is None:

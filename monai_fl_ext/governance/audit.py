@@ -322,6 +322,19 @@ class Verdict:
         return {**dataclasses.asdict(self), "message": self.message}
 
 
+def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The trail's records (verify first: this only parses; a torn or malformed line is skipped)."""
+    out = []
+    for raw in Path(path).read_bytes().split(b"\n"):
+        try:
+            rec = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if _well_formed(rec):
+            out.append(rec)
+    return out
+
+
 def _well_formed(rec: Any) -> bool:
     """A dict with every record key, of the right types, whose canonical JSON exists (no NaN)."""
     if not isinstance(rec, dict) or any(k not in rec for k in RECORD_KEYS):

@@ -63,6 +63,8 @@ def collect_job(server_dir: str | os.PathLike, public_key: Any = None) -> dict[s
         missing.append(f"audit trail not verified: {verdict.reason}: {verdict.detail}")
     elif not verdict.complete:
         missing.append(f"audit trail has no job_end record (last event {verdict.last_event!r}): the job is running or ended abnormally")
+    if verdict.ok and registry is not None:
+        missing += cross_check(server, registry, verdict.path)
     status = (history or {}).get("status") or ((registry or {}).get("job") or {}).get("status") or "unknown"
     if status == "running":
         missing.append("the job is still running: this report covers the rounds finished so far")
@@ -73,6 +75,41 @@ def collect_job(server_dir: str | os.PathLike, public_key: Any = None) -> dict[s
         missing.append("no final model version in the registry")
     return {"server_dir": str(server), "history": history, "registry": registry, "ledger": ledger, "verdict": verdict,
             "missing": missing, "status": status, "generated": time.time()}
+
+
+def cross_check(server: Path, registry: Mapping[str, Any], trail: str | os.PathLike) -> list[str]:
+    """Disagreements between the (unsigned) registry, the signed trail and the model files on disk.
+
+    Every version's hashes must equal those of its ``aggregated``/``model_saved`` record in the trail, and each
+    checkpoint file must still hash to its latest registered version.
+
+    Returns:
+        One sentence per disagreement (empty when all agree).
+    """
+    from monai_fl_ext.governance.audit import read_records
+    from monai_fl_ext.io import sha256_file
+
+    signed = {r["fields"].get("version"): (r["seq"], r["fields"]) for r in read_records(trail)
+              if r["event"] in ("aggregated", "model_saved") and r["fields"].get("version")}
+    problems = []
+    latest_per_file: dict[str, dict[str, Any]] = {}
+    for v in registry.get("versions", []):
+        if v.get("file"):
+            latest_per_file[v["file"]] = v
+        if v["kind"] == "initial":
+            continue
+        if v["version"] not in signed:
+            problems.append(f"registry version {v['version']!r} has no aggregated/model_saved record in the audit trail")
+            continue
+        seq, fields = signed[v["version"]]
+        for key in ("weights_sha256", "file_sha256"):
+            if key in fields and fields[key] != v.get(key):
+                problems.append(f"registry version {v['version']!r}: {key} differs from the signed audit trail (record {seq})")
+    for rel, v in latest_per_file.items():
+        path = server / rel
+        if path.is_file() and sha256_file(path) != v.get("file_sha256"):
+            problems.append(f"{rel} changed since it was registered as {v['version']!r} (SHA-256 differs)")
+    return problems
 
 
 # ---- plots ----------------------------------------------------------------------------------------
