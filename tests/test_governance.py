@@ -3,7 +3,7 @@ ledger and the raw-update check, dashboard (headless Chromium when present) and 
 
 The fast tests drive :class:`GovernanceRecorder` from a tiny job whose updates are real SGD steps of the
 bundle's network (in the order the FLARE controller makes its calls); the slow test replays the
-``history.json`` of a real FLARE simulation with DP-SGD.
+``history.json`` of a real FLARE simulation with DP-SGD and secure aggregation.
 """
 
 from __future__ import annotations
@@ -508,7 +508,7 @@ def replay_history(server: Path, job_id: str = "replayed") -> None:
 
 
 @pytest.mark.slow
-def test_real_federated_dp_run_leaves_a_verified_trail_registry_ledger_and_report(tiny_cohort, tmp_path):
+def test_real_federated_run_with_dp_and_secure_aggregation_leaves_verified_governance_records(tiny_cohort, tmp_path):
     from monai_fl_ext.flare.job import FederatedJobSpec, run_simulation
     from monai_fl_ext.governance import ModelRegistry, assert_no_raw_updates, export_version, verify_trail
     from monai_fl_ext.governance.registry import load_state
@@ -518,8 +518,10 @@ def test_real_federated_dp_run_leaves_a_verified_trail_registry_ledger_and_repor
     spec = FederatedJobSpec(bundle="chest_xray_classification", dataset_dir=str(dataset_dir), partition_dir=str(partition_dir),
                             output_dir=str(tmp_path / "fl"), num_rounds=2, cross_site_eval=False, wait_time_after_min_received=60,
                             overrides={"spatial_size": [TINY_SIZE, TINY_SIZE], "batch_size": 16},
-                            privacy={"target_epsilon": 8.0, "delta": 1e-3})
+                            privacy={"target_epsilon": 8.0, "delta": 1e-3}, secure_aggregation={"bits": 64}, name="gov_secure")
     server = run_simulation(spec, progress=False)
+    history = json.loads((server / "history.json").read_text())
+    assert history["status"] == "completed" and history["config"]["secure_aggregation"]["bits"] == 64
     replay_history(server)
     verdict = verify_trail(server / "governance" / "audit_trail.jsonl", server / "governance" / "audit_trail.jsonl.pub.pem")
     assert verdict.ok and verdict.complete and verdict.events["update_accepted"] == 6 and verdict.events["aggregated"] == 2
@@ -527,10 +529,15 @@ def test_real_federated_dp_run_leaves_a_verified_trail_registry_ledger_and_repor
     final = reg.get("final@round-1")
     assert [v["version"] for v in reg.lineage("final@round-1")] == ["final@round-1", "round-1", "round-0"]
     assert 7.5 < final["privacy"]["max_epsilon"] <= 8.0 + 1e-6 and set(final["privacy"]["epsilon_per_site"]) == set(SITES)
+    assert reg.data["job"]["secure_aggregation"]["bits"] == 64
     ledger = json.loads((server / "governance" / "ledger.json").read_text())
-    assert len(ledger["entries"]) == 6 and all(e["update_norm"] > 0 and e["epsilon"] > 0 and e["samples"] > 0 for e in ledger["entries"])
+    assert len(ledger["entries"]) == 6
+    for e in ledger["entries"]:  # under secure aggregation: only what each site reports about itself
+        assert e["reported_norm"] > 0 and e["epsilon"] > 0 and e["samples"] > 0, e
+        assert "update_norm" not in e and "cosine_to_aggregate" not in e, e
     result = build_report(server)
     assert result["verdict"]["ok"] and result["missing"] == [] and "privacy.png" in result["plots"]
+    assert "bits 64" in Path(result["dashboard"]).read_text()
     out = export_version(server / "governance", "final@round-1", BUNDLE, tmp_path / "bundle_out")
     net = _network(out, norm=None)
     net.load_state_dict(torch.load(out / "models" / "model.pt", weights_only=True))
