@@ -119,6 +119,7 @@ def _secure_aggregation(args: argparse.Namespace) -> dict | None:
 
 
 def _job_spec(args: argparse.Namespace, algorithm: str | None = None):
+    from monai_fl_ext.faults import FaultPlan
     from monai_fl_ext.flare.job import FederatedJobSpec
 
     return FederatedJobSpec(
@@ -130,7 +131,10 @@ def _job_spec(args: argparse.Namespace, algorithm: str | None = None):
         quantization=args.quantize, privacy=_privacy(args), name=args.name,
         client_dp={"clip": args.client_dp_clip, "noise_multiplier": args.client_dp_noise, "delta": args.dp_delta}
         if args.client_dp_clip else None,
-        secure_aggregation=_secure_aggregation(args),
+        secure_aggregation=_secure_aggregation(args), aggregator=args.aggregator, max_update_norm=args.max_update_norm,
+        max_norm_factor=args.max_norm_factor, version_policy=args.version_policy, clients_per_round=args.clients_per_round,
+        data_policy=args.data_policy, check_images=args.check_images, resume=args.resume,
+        faults=FaultPlan.load(args.faults).to_dict() if args.faults else None,
     )
 
 
@@ -190,6 +194,23 @@ def cmd_demo(args: argparse.Namespace) -> None:
                        alpha=args.alpha, seed=args.seed, progress=not args.quiet, partitions_root=args.partitions_root)
     print("\n" + compare_markdown(summary))
     print(f"outputs: {Path(args.workdir) / 'runs'} (compare.md, convergence.png, central/, <algorithm>/server/)")
+
+
+def cmd_stress(args: argparse.Namespace) -> None:
+    from monai_fl_ext.data.synthetic import SyntheticSpec
+    from monai_fl_ext.demo import prepare_synthetic
+    from monai_fl_ext.flare.job import FederatedJobSpec
+    from monai_fl_ext.stress import run_stress, stress_markdown
+
+    work = Path(args.workdir)
+    dataset_dir, datalist, partition_dir = prepare_synthetic(
+        work / "data", SyntheticSpec(num_patients=args.patients, image_size=args.image_size, num_hospitals=3, seed=args.seed),
+        args.sites, 0.5, progress=not args.quiet, min_site_size=5, partition_dir=work / "partition")
+    spec = FederatedJobSpec(bundle=args.bundle, dataset_dir=str(dataset_dir), partition_dir=str(partition_dir),
+                            output_dir=str(work / args.scenario), num_rounds=args.rounds, cross_site_eval=False,
+                            overrides={"spatial_size": [args.image_size, args.image_size], "seed": args.seed},
+                            wait_time_after_min_received=args.wait, name=f"stress_{args.scenario}")
+    print(stress_markdown(run_stress(args.scenario, spec, datalist, baseline=not args.no_baseline, progress=not args.quiet)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -284,6 +305,18 @@ def build_parser() -> argparse.ArgumentParser:
         sa.add_argument("--secagg-clip", type=float, default=8.0, help="update coordinates are clipped to +-this before encoding")
         sa.add_argument("--secagg-max-weight", type=float, default=4096.0, help="largest aggregation weight (local steps or samples) a site may send")
         sa.add_argument("--secagg-threshold", type=int, help="t of n: fewest sites that can finish a round (default: a strict majority)")
+        rb = p.add_argument_group("robustness and faults (docs/robustness.md)")
+        rb.add_argument("--aggregator", choices=["mean", "median", "trimmed_mean", "norm_clip"], default="mean",
+                        help="server aggregation; the robust ones need plain (not secure) aggregation")
+        rb.add_argument("--max-update-norm", type=float, help="reject a site's update above this L2 norm")
+        rb.add_argument("--max-norm-factor", type=float, default=10.0, help="reject an update above this many times the other sites' median norm (0: off)")
+        rb.add_argument("--version-policy", choices=["refuse", "warn", "ignore"], default="refuse",
+                        help="a site whose bundle or monai/torch/opacus/nvflare versions differ from the job's")
+        rb.add_argument("--clients-per-round", type=float, help="sites drawn per round: a count, or a fraction below 1 (unreliable sites less often)")
+        rb.add_argument("--data-policy", choices=["fail", "skip"], default="fail", help="a site's bad datalist items: sit out naming them, or skip them")
+        rb.add_argument("--check-images", action="store_true", help="sites decode every image before joining")
+        rb.add_argument("--faults", metavar="PLAN.json", help="fault plan for drills (monai_fl_ext.faults.FaultPlan as JSON)")
+        rb.add_argument("--resume", action="store_true", help="continue an interrupted run of this job from its server checkpoint in --out")
         p.add_argument("--quantize", choices=["float16", "blockwise8", "float4", "normfloat4"],
                        help="quantise model updates both ways with FLARE's filters (bytes per round are reported)")
         p.add_argument("--name", default="monai_fl_ext", help="FLARE job name")
@@ -317,6 +350,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label-skew concentration")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--partitions-root", default="partitions", help="the partition is written under this folder")
+    p.add_argument("--quiet", action="store_true")
+
+    from monai_fl_ext.stress import SCENARIOS
+
+    p = add("stress", cmd_stress, "Fault drill: the same federated job with and without a fault scenario; rounds completed, "
+            "dropped/rejected contributions, wall time, AUC vs the fault-free run. Scenarios: "
+            + "; ".join(f"{k}: {v}" for k, v in SCENARIOS.items()))
+    p.add_argument("--scenario", choices=sorted(SCENARIOS), required=True)
+    p.add_argument("--workdir", default="workspace/stress", help="data, partition and runs go here")
+    p.add_argument("--bundle", default="chest_xray_classification")
+    p.add_argument("--sites", type=int, default=10)
+    p.add_argument("--patients", type=int, default=300)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--wait", type=float, default=10, help="seconds the server waits for stragglers once min_clients answered")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-baseline", action="store_true", help="skip the fault-free run")
     p.add_argument("--quiet", action="store_true")
 
     from monai_fl_ext.governance.commands import add_governance_commands  # audit-verify, report, registry

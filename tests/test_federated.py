@@ -36,7 +36,7 @@ def test_simulation_scaffold_three_sites_survives_a_failing_site_with_float16_up
     from monai_fl_ext.federated import run_federated
 
     _, datalist, _ = tiny_cohort
-    spec = _spec(tiny_cohort, tmp_path / "fl", algorithm="scaffold", min_clients=2, fault_rounds={"site-2": [1]},
+    spec = _spec(tiny_cohort, tmp_path / "fl", algorithm="scaffold", min_clients=2, faults={"sites": {"site-2": {"fail_rounds": [1]}}},
                  site_weights={"site-3": 2.0}, quantization="float16")
     report = run_federated(spec, datalist, mode="sim")
     assert report["status"] == "completed"

@@ -474,39 +474,6 @@ def test_cli_exit_codes(tiny_job, tmp_path, capsys):
 
 
 # ---- a real FLARE run ------------------------------------------------------------------------------
-def replay_history(server: Path, job_id: str = "replayed") -> None:
-    """Drive the recorder from a finished run's history.json and checkpoints, in the controller's order."""
-    from monai_fl_ext.governance import GovernanceRecorder
-    from monai_fl_ext.governance.registry import load_state
-
-    history = json.loads((server / "history.json").read_text())
-    rec = GovernanceRecorder(server / "governance", job_id=job_id)
-    rounds = history["rounds"]
-    rec.job_start(history["config"], sites=sorted({s for r in rounds for s in r.get("sites", r["sites_ok"])}))
-    secure = bool(history["config"].get("secure_aggregation"))
-    seen: set[str] = set()
-    final = load_state(server / "models" / "final_global_model.pt")
-    for r in rounds:
-        rnd = r["round"]
-        rec.round_start(rnd, r.get("sites", r["sites_ok"]))
-        for s in r["sites_ok"]:
-            if s not in seen:
-                seen.add(s)
-                rec.site_joined(rnd, s)
-            norm = r.get("update_norm", {}).get(s)
-            rec.update_accepted(rnd, s, {"reported_norm" if secure else "update_norm": norm, "samples": r["samples"].get(s),
-                                         "local_steps": r["steps"].get(s), "privacy": r.get("privacy", {}).get(s)})
-        for s, why in r["sites_failed"].items():
-            rec.site_dropped(rnd, s, why)
-        if r.get("aggregated"):
-            rec.aggregated(rnd, r, params=final if r is rounds[-1] else None)
-    last = rounds[-1]["round"]
-    rec.model_saved(last, "final_global_model.pt", server / "models" / "final_global_model.pt")
-    if (server / "models" / "best_global_model.pt").exists():
-        rec.model_saved(last, "best_global_model.pt", server / "models" / "best_global_model.pt")
-    rec.job_end(history["status"], (history.get("final") or {}).get("global_metrics"))
-
-
 @pytest.mark.slow
 def test_real_federated_run_with_dp_and_secure_aggregation_leaves_verified_governance_records(tiny_cohort, tmp_path):
     from monai_fl_ext.flare.job import FederatedJobSpec, run_simulation
@@ -522,12 +489,12 @@ def test_real_federated_run_with_dp_and_secure_aggregation_leaves_verified_gover
     server = run_simulation(spec, progress=False)
     history = json.loads((server / "history.json").read_text())
     assert history["status"] == "completed" and history["config"]["secure_aggregation"]["bits"] == 64
-    replay_history(server)
+    # the controller itself wrote the trail, registry and ledger while the job ran
     verdict = verify_trail(server / "governance" / "audit_trail.jsonl", server / "governance" / "audit_trail.jsonl.pub.pem")
     assert verdict.ok and verdict.complete and verdict.events["update_accepted"] == 6 and verdict.events["aggregated"] == 2
     reg = ModelRegistry.open(server / "governance")
     final = reg.get("final@round-1")
-    assert [v["version"] for v in reg.lineage("final@round-1")] == ["final@round-1", "round-1", "round-0"]
+    assert [v["version"] for v in reg.lineage("final@round-1")][:3] == ["final@round-1", "round-1", "round-0"]
     assert 7.5 < final["privacy"]["max_epsilon"] <= 8.0 + 1e-6 and set(final["privacy"]["epsilon_per_site"]) == set(SITES)
     assert reg.data["job"]["secure_aggregation"]["bits"] == 64
     ledger = json.loads((server / "governance" / "ledger.json").read_text())
@@ -544,7 +511,7 @@ def test_real_federated_run_with_dp_and_secure_aggregation_leaves_verified_gover
     # the sites' own trained weights never reach the governance outputs or the exported bundle
     site_models = {p.parts[-3]: load_state(p) for p in (tmp_path / "fl" / "sites").glob("site-*/models/model.pt")}
     assert set(site_models) == set(SITES)
-    assert assert_no_raw_updates([server / "governance", out], site_models) > 5
+    assert assert_no_raw_updates([server, out], site_models) > 5
 
 
 def test_secure_aggregation_job_records_only_what_sites_report(tmp_path):

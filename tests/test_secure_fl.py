@@ -49,7 +49,7 @@ def test_simulation_with_dp_sgd_and_a_site_dropping_after_key_setup(tiny_cohort,
     from monai_fl_ext.federated import run_federated
 
     _, datalist, _ = tiny_cohort
-    spec = _spec(tiny_cohort, tmp_path / "fl", min_clients=2, fault_rounds={"site-2": [1]}, privacy={"target_epsilon": 8.0})
+    spec = _spec(tiny_cohort, tmp_path / "fl", min_clients=2, faults={"sites": {"site-2": {"fail_rounds": [1]}}}, privacy={"target_epsilon": 8.0})
     report = run_federated(spec, datalist, mode="sim")
     assert report["status"] == "completed"
     history = json.loads((tmp_path / "fl" / "server" / "history.json").read_text())

@@ -25,9 +25,11 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
 from monai_fl_ext.algo import FederatedBundleAlgo
 from monai_fl_ext.algorithms import ALGORITHMS, make_local_term
+from monai_fl_ext.faults import RoundFault, decide, poison_update
 from monai_fl_ext.metrics import split_metrics
 from monai_fl_ext.flare.secure import PAYLOAD, TASKS, SecureAggregationSite
 from monai_fl_ext.privacy import BudgetExceeded, DPSettings
+from monai_fl_ext.site_checks import DATA_POLICIES, check_site_data, software_versions
 
 NUM_STEPS = "NUM_STEPS_CURRENT_ROUND"  # nvflare.apis.fl_constant.FLMetaKey.NUM_STEPS_CURRENT_ROUND
 logger = logging.getLogger("monai_fl_ext.client")
@@ -45,8 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--override", action="append", default=[], metavar="KEY=JSON", help="bundle config override")
     p.add_argument("--privacy", default="", metavar="JSON", help="DP-SGD settings (monai_fl_ext.privacy.DPSettings fields)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads at this site (0: torch's default)")
-    p.add_argument("--fail-rounds", default="", help="fault injection for tests: comma-separated rounds that raise")
-    p.add_argument("--delay", type=float, default=0.0, help="fault injection: seconds to sleep before training")
+    p.add_argument("--data-policy", choices=DATA_POLICIES, default="fail", help="bad items in the datalist: fail the site or skip them")
+    p.add_argument("--check-images", action="store_true", help="also decode every image before joining (catches corrupt files)")
+    p.add_argument("--faults", default="", metavar="JSON", help="this site's part of a fault plan (monai_fl_ext.faults), for drills")
     return p.parse_args(argv)
 
 
@@ -91,21 +94,45 @@ def train_round(algo: FederatedBundleAlgo, model: FLModel) -> FLModel:
     return FLModel(params=params, params_type=ParamsType.DIFF, metrics=metrics, meta=meta)
 
 
+def _start_site(args: argparse.Namespace, site: str, overrides: dict[str, Any]) -> FederatedBundleAlgo:
+    """Check the site's data, then build and initialise its algo."""
+    run_dir = Path(overrides["ckpt_dir"]).parent
+    datalist, problems = check_site_data(overrides["datalist"], overrides["dataset_dir"], site, args.data_policy,
+                                         decode=args.check_images, clean_path=run_dir / "datalist.checked.json")
+    for problem in problems:
+        logger.warning("skipped: %s", problem)
+    overrides["datalist"] = str(datalist)
+    algo = FederatedBundleAlgo(
+        args.bundle, overrides, local_epochs=args.local_epochs, local_term=make_local_term(args.algorithm, args.fedprox_mu),
+        privacy=DPSettings.from_dict(json.loads(args.privacy), where=site) if args.privacy else None,
+        privacy_state=run_dir / "privacy_accountant.json",
+    )
+    algo.initialize(extra={ExtraItems.CLIENT_NAME: site, ExtraItems.APP_ROOT: ""})
+    return algo
+
+
+def _refuse_all_tasks(reason: str) -> None:
+    while flare.is_running():
+        if flare.receive() is None:
+            break
+        flare.send(FLModel(params={}, meta={"error": reason}))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads > 0:  # simulated sites share one machine: oversubscribed threads slow every site down
         torch.set_num_threads(args.threads)
     flare.init()
     site = flare.get_site_name()
-    fail_rounds = {int(r) for r in args.fail_rounds.split(",") if r.strip()}
     overrides = site_overrides(args, site)
-    algo = FederatedBundleAlgo(
-        args.bundle, overrides, local_epochs=args.local_epochs, local_term=make_local_term(args.algorithm, args.fedprox_mu),
-        privacy=DPSettings.from_dict(json.loads(args.privacy), where=site) if args.privacy else None,
-        privacy_state=Path(overrides["ckpt_dir"]).parent / "privacy_accountant.json",
-    )
-    algo.initialize(extra={ExtraItems.CLIENT_NAME: site, ExtraItems.APP_ROOT: ""})
+    try:
+        algo = _start_site(args, site, overrides)
+    except Exception as e:  # a site that cannot start answers every task with the reason; the others go on
+        logger.exception("%s: cannot join", site)
+        _refuse_all_tasks(f"{type(e).__name__}: {e}")
+        return
     secure = SecureAggregationSite(site, flare.get_job_id())
+    versions = software_versions(args.bundle)
     while flare.is_running():
         model = flare.receive()
         if model is None:
@@ -117,10 +144,14 @@ def main(argv: list[str] | None = None) -> None:
                 masked = PAYLOAD in (model.meta or {})
                 if masked:
                     secure.prepare_training(model)
-                if model.current_round in fail_rounds:
+                fault = decide(args.faults, model.current_round) if args.faults else RoundFault()
+                time.sleep(fault.delay + fault.silent)  # silent: answers after the server's round timeout
+                if fault.fail:
                     raise RuntimeError(f"injected failure at {site}, round {model.current_round}")
-                time.sleep(args.delay)
                 result = train_round(algo, model)
+                result.meta["versions"] = versions
+                if fault.poison:
+                    result.params = poison_update(result.params, fault.poison)
                 flare.send(secure.mask(model, result) if masked else result)
             elif flare.is_evaluate():
                 scalars, per_label = split_metrics(algo.evaluate(_exchange(model)).metrics)

@@ -19,6 +19,7 @@ from monai_fl_ext.algorithms import ALGORITHMS
 from monai_fl_ext.bundle import resolve_bundle
 from monai_fl_ext.errors import InputError
 from monai_fl_ext.partition import load_manifest
+from monai_fl_ext.site_checks import software_versions
 
 QUANTIZATIONS = ("float16", "blockwise8", "float4", "normfloat4")
 CLIENT_SCRIPT = "client.py"  # relative: FLARE then runs the copy inside the job's custom/ folder
@@ -44,8 +45,19 @@ class FederatedJobSpec:
         train_timeout: hard cap in seconds on a round (0: none); ``wait_time_after_min_received`` after the minimum.
         overrides: bundle config overrides for every site (e.g. ``{"spatial_size": [64, 64]}``).
         cross_site_eval: evaluate final global and local models on every site.
-        fault_rounds: fault injection for tests and drills: ``{site: [rounds that raise]}``.
-        site_delay: seconds a site sleeps before training (straggler drills).
+        faults: a fault plan for drills and stress tests (:class:`~monai_fl_ext.faults.FaultPlan` as a dict, e.g.
+            ``{"seed": 0, "sites": {"site-2": {"fail_rounds": [1]}, "*": {"delay": [0, 5], "dropout": 0.3}}}``).
+        data_policy: a site's bad datalist items: ``fail`` (the site reports the problem and sits out) or ``skip``.
+        check_images: sites decode every image before joining.
+        aggregator: ``mean`` (weighted), ``median``, ``trimmed_mean`` or ``norm_clip`` (:mod:`monai_fl_ext.robust`).
+        trim_fraction: ``trimmed_mean``: fraction of sites dropped at each end per coordinate.
+        max_update_norm: reject a site's update whose L2 norm exceeds this (None: no absolute bound).
+        max_norm_factor: reject an update whose norm exceeds this many times the median of the other sites' (0: off).
+        version_policy: a site whose bundle or package versions differ from the job's: ``refuse``, ``warn`` or ``ignore``.
+        clients_per_round: sites sampled each round: a count (>= 1) or a fraction (< 1); None: all. Sites that
+            failed recently are less likely to be drawn.
+        resume: continue from the server checkpoint an interrupted run of this job left under ``output_dir`` (sites keep
+            their privacy accountants in their own folders, so epsilon continues too).
         site_threads: torch CPU threads per site; default: the machine's cores shared among the sites, since
             simulation and POC run every site on this machine (set it to 0 for torch's default at real sites).
         quantization: FLARE's update quantisation both ways (``float16``, ``blockwise8``, ``float4``,
@@ -77,8 +89,16 @@ class FederatedJobSpec:
     wait_time_after_min_received: float = 30
     overrides: dict[str, Any] = field(default_factory=dict)
     cross_site_eval: bool = True
-    fault_rounds: dict[str, list[int]] = field(default_factory=dict)
-    site_delay: dict[str, float] = field(default_factory=dict)
+    faults: dict[str, Any] | None = None
+    data_policy: str = "fail"
+    check_images: bool = False
+    aggregator: str = "mean"
+    trim_fraction: float = 0.1
+    max_update_norm: float | None = None
+    max_norm_factor: float = 10.0
+    version_policy: str = "refuse"
+    clients_per_round: float | None = None
+    resume: bool = False
     site_threads: int | None = None
     quantization: str | None = None
     privacy: dict[str, Any] | None = None
@@ -132,9 +152,33 @@ class FederatedJobSpec:
                 raise InputError(f"quantization={self.quantization!r} needs a CUDA build of torch and a GPU; use float16 on CPU")
         if self.secure_aggregation is not None:
             self._validate_secure_aggregation(sites)
+        self._validate_robustness(sites)
         if not Path(self.dataset_dir).is_dir():
             raise InputError(f"dataset_dir {self.dataset_dir} is not a folder")
 
+
+    def _validate_robustness(self, sites: list[str]) -> None:
+        from monai_fl_ext.faults import FaultPlan
+        from monai_fl_ext.robust import AGGREGATORS
+        from monai_fl_ext.site_checks import DATA_POLICIES, VERSION_POLICIES
+
+        choices = {"aggregator": AGGREGATORS, "data_policy": DATA_POLICIES, "version_policy": VERSION_POLICIES}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise InputError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.aggregator != "mean" and (self.secure_aggregation is not None or self.client_dp is not None):
+            raise InputError(f"aggregator={self.aggregator!r} needs each site's update at the server; it cannot be combined "
+                             "with secure aggregation or client-level DP (use the sites' norm bound instead)")
+        if not 0 <= self.trim_fraction < 0.5 or self.max_norm_factor < 0 or (self.max_update_norm is not None and not self.max_update_norm > 0):
+            raise InputError(f"need 0 <= trim_fraction < 0.5, max_norm_factor >= 0 and max_update_norm > 0, got "
+                             f"{self.trim_fraction}, {self.max_norm_factor}, {self.max_update_norm}")
+        if self.clients_per_round is not None and not (0 < self.clients_per_round < 1 or 1 <= self.clients_per_round <= len(sites)):
+            raise InputError(f"clients_per_round must be a fraction in (0, 1) or a count in [1, {len(sites)}], got {self.clients_per_round}")
+        if self.faults is not None:
+            plan = FaultPlan.from_dict(dict(self.faults))
+            unknown = set(plan.sites) - set(sites) - {"*"}
+            if unknown:
+                raise InputError(f"fault plan names unknown site(s) {sorted(unknown)}; sites are {sites}")
 
     def _validate_secure_aggregation(self, sites: list[str]) -> None:
         from monai_fl_ext.flare.secure import SETTINGS
@@ -169,15 +213,18 @@ def _client_args(spec: FederatedJobSpec, bundle_root: Path, site: str, shared_ma
         args += ["--override", f"{key}={json.dumps(value, separators=(',', ':'))}"]
     if spec.privacy:
         args += ["--privacy", json.dumps(spec.privacy, separators=(",", ":"), sort_keys=True)]
-    if spec.fault_rounds.get(site):
-        args += ["--fail-rounds", ",".join(map(str, spec.fault_rounds[site]))]
+    if spec.faults:
+        from monai_fl_ext.faults import FaultPlan
+
+        site_faults = FaultPlan.from_dict(dict(spec.faults)).site_json(site)
+        if site_faults:
+            args += ["--faults", site_faults]
+    args += ["--data-policy", spec.data_policy] + (["--check-images"] if spec.check_images else [])
     threads = spec.site_threads
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) // len(spec.sites())) if shared_machine else 0
     if threads:
         args += ["--threads", str(threads)]
-    if spec.site_delay.get(site):
-        args += ["--delay", str(spec.site_delay[site])]
     spaced = [a for a in args if any(c.isspace() for c in a)]
     if spaced:  # FLARE splits script arguments on whitespace and does not honour quotes
         raise InputError(f"paths and overrides must not contain whitespace for FLARE's script runner: {spaced}")
@@ -221,6 +268,10 @@ def build_job(spec: FederatedJobSpec, shared_machine: bool = True):
         client_dp_clip=float((spec.client_dp or {}).get("clip", 0.0)),
         client_dp_noise=float((spec.client_dp or {}).get("noise_multiplier", 0.0)),
         client_dp_delta=float((spec.client_dp or {}).get("delta", 1e-5)),
+        aggregator=spec.aggregator, trim_fraction=spec.trim_fraction, max_update_norm=spec.max_update_norm,
+        max_norm_factor=spec.max_norm_factor, version_policy=spec.version_policy, clients_per_round=spec.clients_per_round,
+        expected_versions=software_versions(bundle_root), resume=spec.resume,
+        crash_after_round=(spec.faults or {}).get("server_crash_after_round"),
     ))
     # The spec travels with the job as a record, in the server app's custom/ folder. That folder makes the
     # server app "bring your own code", which FLARE's class allow-list exempts (POC); a production site that

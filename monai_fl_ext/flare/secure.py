@@ -104,6 +104,7 @@ class SecureAggregateController(FederatedBundleController):
         server = SecAggServer(cfg)
         header = {CONFIG: cfg.to_dict()}
         failed: dict[str, str] = {}
+        rejected: dict[str, str] = {}
         results: list[FLModel] = []
         ok: list[FLModel] = []
         try:
@@ -119,16 +120,22 @@ class SecureAggregateController(FederatedBundleController):
             for r in results:
                 masked = (r.params or {}).get(MASKED)
                 if masked is not None and not r.meta.get("error"):
+                    refused = self._check_versions(r)
+                    if refused:  # never added: the protocol treats the site as dropped and removes its masks
+                        self.warning(f"round {self.current_round}: {r.meta.get('client_name')} refused: {refused}")
+                        rejected[r.meta.get("client_name", "?")] = refused
+                        continue
                     try:
                         server.add_masked(r.meta.get("client_name", "?"), {**r.meta.get(MESSAGE, {}), MASKED: np.asarray(masked)})
                         ok.append(r)
                     except SecAggError as e:
                         self.warning(str(e))
-                        failed[r.meta.get("client_name", "?")] = str(e)
+                        rejected[r.meta.get("client_name", "?")] = str(e)
             ok_names = {r.meta["client_name"] for r in ok}
             _, more_failed = self._split_results(sorted(set(mailbox) - ok_names), [r for r in results if r.meta.get("client_name") not in ok_names])
-            failed = {**more_failed, **failed}
+            failed = {**more_failed, **failed, **rejected}
             record = self._round_record(ok, failed, time.time() - start)
+            record["sites_rejected"] = rejected
             if not self._may_aggregate(results, ok, failed):
                 return self._secure_record(record, ok, server, None), None, ok
             request = server.unmask_request()
@@ -136,7 +143,8 @@ class SecureAggregateController(FederatedBundleController):
             result = server.aggregate()
         except SecAggAbort as e:
             self.warning(f"round {self.current_round}: {e}; the global model is unchanged")
-            record = self._round_record(ok, failed, time.time() - start)
+            record = self._round_record(ok, {**failed, **rejected}, time.time() - start)
+            record["sites_rejected"] = rejected
             return self._secure_record(record, ok, server, None, aborted=str(e)), None, ok
         keys = layout(model.params)
         mean = unflatten(result.mean, {k: np.asarray(model.params[k], dtype=np.float32) for k in keys}, keys)
