@@ -97,10 +97,14 @@ def check_site_data(datalist_path: str | os.PathLike, dataset_dir: str | os.Path
 
 
 def bundle_fingerprint(bundle_root: str | os.PathLike) -> dict[str, str]:
-    """The bundle's version (``configs/metadata.json``) and the SHA-256 of its ``configs/train.json``."""
+    """The bundle's version (``configs/metadata.json``) and the SHA-256 of its ``configs/train.json``.
+
+    The hash is cut to 16 hex digits (64 bits: ample to tell configs apart) because FLARE's job generator
+    warns that a full 64-digit hex string in a job parameter may be a secret.
+    """
     root = Path(bundle_root)
     version = json.loads((root / "configs" / "metadata.json").read_text()).get("version", "?")
-    digest = hashlib.sha256((root / "configs" / "train.json").read_bytes()).hexdigest()
+    digest = hashlib.sha256((root / "configs" / "train.json").read_bytes()).hexdigest()[:16]
     return {"bundle_version": str(version), "bundle_config_sha256": digest}
 
 

@@ -271,6 +271,9 @@ def build_job(spec: FederatedJobSpec, shared_machine: bool = True):
         aggregator=spec.aggregator, trim_fraction=spec.trim_fraction, max_update_norm=spec.max_update_norm,
         max_norm_factor=spec.max_norm_factor, version_policy=spec.version_policy, clients_per_round=spec.clients_per_round,
         expected_versions=software_versions(bundle_root), resume=spec.resume,
+        # simulation and POC workspaces are recreated on every run; the signing key must outlive them for a
+        # resumed job to continue its trail (a production server keeps it in its workspace root, the default)
+        audit_key_path=str(Path(spec.output_dir).resolve() / "server_keys" / "audit_signing_key.pem") if shared_machine else "",
         crash_after_round=(spec.faults or {}).get("server_crash_after_round"),
     ))
     # The spec travels with the job as a record, in the server app's custom/ folder. That folder makes the
