@@ -20,7 +20,7 @@ import torch
 from monai_fl_ext.io import atomic_write_json, atomic_write_text, read_json
 
 SCENARIOS: dict[str, str] = {
-    "dropouts": "30% of the sites fail each round at random and every site straggles 0-2 s; rounds go on with at least half",
+    "dropouts": "30 percent of the sites fail each round at random and every site straggles 0-2 s; rounds go on with at least half",
     "poisoned": "one site sends an update scaled by 1e4 every round and another a non-finite one in round 0; both are rejected",
     "restart": "the server crashes right after checkpointing the middle round and the job is resumed from its checkpoint",
 }
