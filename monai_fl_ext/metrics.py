@@ -33,7 +33,8 @@ def per_label_auc(probs: np.ndarray | torch.Tensor, labels: np.ndarray | torch.T
     probs_t, labels_t = torch.as_tensor(probs, dtype=torch.float64), torch.as_tensor(labels, dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "y values can not be all 0 or 1" for undefined labels
-        return [float(v) for v in compute_roc_auc(probs_t, labels_t, average="none")]
+        # MONAI squeezes a single label column and then returns a scalar instead of a one-element list
+        return [float(v) for v in np.atleast_1d(compute_roc_auc(probs_t, labels_t, average="none"))]
 
 
 def split_metrics(metrics: Mapping[str, Any], prefix: str = "") -> tuple[dict[str, float], dict[str, dict[str, float | None]]]:

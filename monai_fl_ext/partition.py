@@ -13,6 +13,9 @@ Strategies:
 - ``quantity`` (size skew): site shares are drawn from Dirichlet(alpha * 1_N); the shuffled patients
   are cut at the cumulative shares.
 - ``natural``: one site per distinct value of an item field (default ``"site"``, the acquiring hospital).
+- ``dirichlet_field`` (feature skew): the Dirichlet rule below with the patient's value of an item field
+  (``field``, e.g. a compound's scaffold family) as its class instead of its primary label, so each site holds
+  some values of that field more than others. Every item of a patient must carry the same value.
 
 Multi-label Dirichlet rule. The standard Dirichlet label-skew split (NVIDIA FLARE's and FedML's
 CIFAR-10 examples) needs one class per sample, but a chest X-ray carries several findings or none.
@@ -51,7 +54,7 @@ from monai_fl_ext.data.datalist import NO_FINDING, SPLITS, read_datalist, valida
 from monai_fl_ext.errors import InputError
 from monai_fl_ext.io import atomic_output_dir, atomic_write_bytes, atomic_write_json, read_json, sha256_file
 
-STRATEGIES: tuple[str, ...] = ("iid", "dirichlet", "quantity", "natural")
+STRATEGIES: tuple[str, ...] = ("iid", "dirichlet", "quantity", "natural", "dirichlet_field")
 MAX_DRAWS = 100
 MANIFEST = "manifest.json"
 HISTOGRAMS_JSON = "histograms.json"
@@ -64,6 +67,7 @@ _PARAMETERS_USED: dict[str, frozenset[str]] = {
     "dirichlet": frozenset({"alpha", "seed"}),
     "quantity": frozenset({"alpha", "seed"}),
     "natural": frozenset({"field"}),
+    "dirichlet_field": frozenset({"alpha", "seed", "field"}),
 }
 # Natural site names become file names beside the manifest, and FLARE client names.
 _SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -84,11 +88,11 @@ def partition_datalist(
     Args:
         datalist: a datalist (see :mod:`monai_fl_ext.data.datalist`); it is not modified.
         num_sites: number of sites N; for ``natural`` it may be None (one site per field value).
-        strategy: ``"iid"``, ``"dirichlet"``, ``"quantity"`` or ``"natural"``.
+        strategy: ``"iid"``, ``"dirichlet"``, ``"quantity"``, ``"natural"`` or ``"dirichlet_field"``.
         alpha: Dirichlet concentration (> 0) for ``dirichlet`` and ``quantity``; smaller is more skewed.
         seed: seed of the random generator for ``iid``, ``dirichlet`` and ``quantity``.
         min_site_size: least number of training items per site (>= 0); a site always needs at least one.
-        field: item field that names the site for ``natural``.
+        field: item field that names the site for ``natural``, or whose values are skewed for ``dirichlet_field``.
 
     Returns:
         ``{site_name: site_datalist}`` in site order (``site-1`` ... ``site-N``, or the sorted field
@@ -119,7 +123,12 @@ def partition_datalist(
         if strategy == "iid":
             site_index = {p: k % num_sites for k, p in enumerate(_shuffled(patients, rng))}
         else:
-            groups = [patients] if strategy == "quantity" else _primary_class_groups(datalist, patients)
+            if strategy == "quantity":
+                groups = [patients]
+            elif strategy == "dirichlet_field":
+                groups = _field_groups(datalist, patients, field)
+            else:
+                groups = _primary_class_groups(datalist, patients)
             site_index = _draw_dirichlet_runs(datalist, groups, num_sites, strategy, alpha, seed, min_training, rng)
         site_of = {p: site_names[k] for p, k in site_index.items()}
     sites = _split_by_site(datalist, site_of, site_names)
@@ -342,6 +351,28 @@ def _primary_class_groups(datalist: Mapping[str, Any], patients: Sequence[str]) 
     for patient in patients:
         groups[classes[patient]].append(patient)
     return [groups[c] for c in [*datalist["labels"], NO_FINDING] if c in groups]
+
+
+def _field_groups(datalist: Mapping[str, Any], patients: Sequence[str], field: str) -> list[list[str]]:
+    """Sorted patients grouped by their value of item field ``field``, groups in sorted value order.
+
+    Raises:
+        InputError: an item lacks the field, or a patient's items disagree on it (naming split, index and patient).
+    """
+    value_of: dict[str, str] = {}
+    for split in SPLITS:
+        for i, item in enumerate(datalist.get(split, [])):
+            if field not in item:
+                raise InputError(f"field={field!r}: {split}[{i}] (image {item['image']!r}) has no {field!r} value")
+            patient, value = _patient_id(item), str(item[field])
+            first = value_of.setdefault(patient, value)
+            if first != value:
+                raise InputError(f"field={field!r}: patient {patient!r} has {field} {first!r} and {value!r} ({split}[{i}]); "
+                                 "dirichlet_field needs one value per patient")
+    groups: defaultdict[str, list[str]] = defaultdict(list)
+    for patient in patients:
+        groups[value_of[patient]].append(patient)
+    return [groups[v] for v in sorted(groups)]
 
 
 def _draw_dirichlet_runs(
