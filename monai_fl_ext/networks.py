@@ -20,11 +20,11 @@ from torch import nn
 NORMS = ("batch", "group", "instance")
 
 
-def norm_spec(norm: str, channels: int) -> str | tuple:
+def norm_spec(norm: str, channels: int, num_groups: int = 32) -> str | tuple:
     """MONAI norm spec for ``channels`` channels.
 
-    ``"group"`` uses ``gcd(32, channels)`` groups, the replacement Opacus' ``ModuleValidator.fix`` makes,
-    so a BatchNorm model fixed by Opacus and this model have the same structure.
+    ``"group"`` uses ``gcd(num_groups, channels)`` groups; the default 32 is the replacement Opacus'
+    ``ModuleValidator.fix`` makes, so a BatchNorm model fixed by Opacus and this model have the same structure.
 
     Raises:
         ValueError: ``norm`` is not one of :data:`NORMS`.
@@ -32,7 +32,7 @@ def norm_spec(norm: str, channels: int) -> str | tuple:
     if norm == "batch":
         return "batch"
     if norm == "group":
-        return ("group", {"num_groups": math.gcd(32, channels)})
+        return ("group", {"num_groups": math.gcd(int(num_groups), channels)})
     if norm == "instance":
         return ("instance", {"affine": True})
     raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
@@ -72,6 +72,11 @@ class SafeResNet(ResNet):
         conv1_t_stride: stem stride; 2 matches torchvision and is 4x cheaper on small images.
         conv1_t_size: stem kernel size.
         no_max_pool: skip the stem's max pooling.
+        width: channel multiplier of every stage (MONAI's ``widen_factor``): stages have
+            ``int(width * [64, 128, 256, 512])`` channels; 1.0 is the standard ResNet-18 (11.2 M parameters),
+            0.25 keeps its 18-layer depth with about 1/16 of the parameters (for DP-SGD, whose noise grows
+            with the number of parameters).
+        num_groups: GroupNorm groups (``gcd(num_groups, channels)`` per layer) when ``norm="group"``.
     """
 
     def __init__(
@@ -84,9 +89,17 @@ class SafeResNet(ResNet):
         conv1_t_stride: int = 2,
         conv1_t_size: int = 7,
         no_max_pool: bool = False,
+        width: float = 1.0,
+        num_groups: int = 32,
     ) -> None:
+        if not width > 0 or int(64 * width) < 1:
+            raise ValueError(f"width must be > 0 and leave at least one channel in the stem, got {width}")
+        if int(num_groups) < 1:
+            raise ValueError(f"num_groups must be >= 1, got {num_groups}")
         self._norm = norm
-        norm_spec(norm, 64)  # validate before building anything
+        self._num_groups = int(num_groups)
+        stem = int(64 * width)
+        norm_spec(norm, stem)  # validate before building anything
         super().__init__(
             block=SafeResNetBlock,
             layers=layers,
@@ -97,8 +110,9 @@ class SafeResNet(ResNet):
             conv1_t_stride=conv1_t_stride,
             no_max_pool=no_max_pool,
             num_classes=num_classes,
+            widen_factor=width,
             act=("relu", {"inplace": False}),
-            norm=norm_spec(norm, 64),
+            norm=norm_spec(norm, stem, self._num_groups),
         )
         for m in self.modules():  # MONAI initialises only the stem's norm type
             if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm)) and m.affine:
@@ -117,7 +131,7 @@ class SafeResNet(ResNet):
     ) -> nn.Sequential:
         # MONAI's _make_layer ignores the network's norm (it always uses its "batch" default).
         out_planes = planes * block.expansion
-        spec = norm_spec(self._norm, out_planes)
+        spec = norm_spec(self._norm, out_planes, self._num_groups)
         downsample = None
         if stride != 1 or self.in_planes != out_planes:
             from monai.networks.layers.utils import get_norm_layer
@@ -140,6 +154,8 @@ def resnet18(
     norm: str = "batch",
     conv1_t_stride: int = 2,
     no_max_pool: bool = False,
+    width: float = 1.0,
+    num_groups: int = 32,
 ) -> SafeResNet:
     """ResNet-18 (four stages of two basic blocks) built by :class:`SafeResNet`; see its Args."""
     return SafeResNet(
@@ -150,4 +166,6 @@ def resnet18(
         norm=norm,
         conv1_t_stride=conv1_t_stride,
         no_max_pool=no_max_pool,
+        width=width,
+        num_groups=num_groups,
     )

@@ -189,3 +189,102 @@ def test_batchnorm_bundle_is_refused_with_the_override_to_use(tiny_cohort, tiny_
     assert "BatchNorm2d" in str(err.value)
     assert trainer.optimizer is optimizer and trainer.data_loader is loader  # nothing was changed
     assert not hasattr(trainer.network, "autograd_grad_sample_hooks")
+
+
+def _conv_case(seed=0, **conv):
+    g = torch.Generator().manual_seed(seed)
+    layer = torch.nn.Conv2d(3, 5, **conv).double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+    x = torch.randn(4, 3, 9, 9, generator=g, dtype=torch.float64)
+    return layer, x
+
+
+@pytest.mark.parametrize("conv", [dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, padding=1, bias=False),
+                                  dict(kernel_size=(2, 3), dilation=2, padding=(1, 0))])
+@pytest.mark.parametrize("mode", ["ghost", "direct"])
+def test_conv2d_norm_sampler_matches_opacus_per_sample_gradient_norms(conv, mode):
+    """Both forms of the conv norm sampler give the norms of Opacus' own per-sample gradients (its conv grad sampler)."""
+    from opacus.grad_sample.conv import compute_conv_grad_sample
+
+    from monai_fl_ext.privacy.ghost import conv2d_norm_sample
+
+    layer, x = _conv_case(**conv)
+    backprops = torch.randn(layer(x).shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    expected = compute_conv_grad_sample(layer, [x], backprops)
+    got = conv2d_norm_sample(layer, [x], backprops, mode=mode)
+    assert set(got) == set(expected)
+    for p, gs in expected.items():
+        torch.testing.assert_close(got[p], gs.reshape(len(gs), -1).norm(2, dim=1), rtol=1e-10, atol=1e-12)
+
+
+def test_ghost_cost_rule_picks_ghost_for_few_positions_and_direct_for_many():
+    from monai_fl_ext.privacy.ghost import ghost_is_cheaper
+
+    assert ghost_is_cheaper(positions=16, fan_in=1152, out_channels=128)  # a late ResNet stage
+    assert not ghost_is_cheaper(positions=1024, fan_in=49, out_channels=64)  # the 7x7 stem at 64 px
+
+
+@pytest.mark.parametrize("clip", [0.05, 1e3])  # every sample clipped / none clipped
+def test_mixed_ghost_step_equals_opacus_hooks_step(clip):
+    """The same network and batch: mixed ghost's clipped sum (hence the noiseless DP-SGD gradient) is hooks mode's."""
+    import copy
+
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    from monai_fl_ext.networks import resnet18
+    from monai_fl_ext.privacy.ghost import make_grad_sample_module, make_optimizer
+
+    torch.manual_seed(0)
+    net = resnet18(norm="group", width=0.125, num_classes=3).double()
+    x = torch.rand(5, 1, 24, 24, dtype=torch.float64)
+    y = (torch.rand(5, 3) < 0.4).double()
+    grads, norms = [], []
+    for wrap, opt_class in ((GradSampleModule, DPOptimizer), (make_grad_sample_module, make_optimizer)):
+        model = copy.deepcopy(net)
+        keep = wrap(model, batch_first=True, loss_reduction="mean", strict=True)
+        opt = opt_class(torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0, max_grad_norm=clip,
+                        expected_batch_size=5, loss_reduction="mean")
+        opt.zero_grad()
+        torch.nn.functional.binary_cross_entropy_with_logits(model(x), y).backward()
+        if opt_class is DPOptimizer:
+            norms.append(torch.stack([g.reshape(5, -1).norm(2, dim=1) for g in opt.grad_samples], 1).norm(2, dim=1))
+        assert opt.pre_step()
+        if opt_class is not DPOptimizer:
+            norms.append(opt.per_sample_norms)
+            assert all(getattr(p, "_ghost", None) is None for p in model.parameters())  # records freed
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        del keep
+    torch.testing.assert_close(norms[1], norms[0], rtol=1e-9, atol=1e-12)
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_trainer_runs_mixed_ghost_mode_and_empty_batches(tiny_cohort, tiny_overrides, tmp_path):
+    from monai_fl_ext.privacy.dp_sgd import enable_dp_sgd
+
+    workflow = _workflow(tiny_cohort, tiny_overrides, tmp_path)
+    trainer = workflow.trainer
+    with pytest.raises(ValueError, match="grad_sample_mode"):
+        enable_dp_sgd(trainer, noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode="ghost")
+    start = _weights(trainer.network)
+    state = enable_dp_sgd(trainer, noise_multiplier=1.0, max_grad_norm=1.0, seed=0, grad_sample_mode="mixed_ghost")
+    assert state.grad_sample_mode == "mixed_ghost"
+    calls = _count_steps(state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.run()
+    assert state.steps_taken == len(calls) == len(trainer.data_loader) >= 1
+    end = _weights(trainer.network)
+    assert any(not torch.equal(start[k], end[k]) for k in start)
+    assert all(torch.isfinite(v).all() for v in end.values() if v.is_floating_point())
+    # a noise-only step on an empty batch (what the iteration wrapper does) works in this mode too
+    opt = state.optimizer
+    opt.zero_grad()
+    for p in opt.params:
+        p.grad_sample = torch.zeros((0, *p.shape))
+    opt.step()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in opt.params)

@@ -160,3 +160,23 @@ def test_invalid_norm_raises_naming_allowed_values(bad):
     for allowed in NORMS:
         assert allowed in message
     assert repr(bad) in message
+
+
+def test_width_option_keeps_depth_and_scales_channels():
+    torch.manual_seed(0)
+    default = resnet18(norm="group")
+    torch.manual_seed(0)
+    explicit = resnet18(norm="group", width=1.0, num_groups=32)
+    assert all(torch.equal(a, b) for a, b in zip(default.state_dict().values(), explicit.state_dict().values()))
+    narrow = resnet18(norm="group", width=0.25, num_groups=8)
+    convs = [m for m in narrow.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == len([m for m in default.modules() if isinstance(m, nn.Conv2d)]) == 1 + 16 + 3  # same depth
+    assert [narrow.layer1[0].conv1.out_channels, narrow.layer4[1].conv2.out_channels, narrow.fc.in_features] == [16, 128, 128]
+    assert narrow.conv1.out_channels == 16 and narrow.bn1.num_channels == 16
+    assert all(m.num_groups == math.gcd(8, m.num_channels) for m in narrow.modules() if isinstance(m, nn.GroupNorm))
+    assert 600_000 < sum(p.numel() for p in narrow.parameters()) < 800_000  # ~1/16 of 11.2 M
+    assert narrow(torch.randn(2, 1, 32, 32)).shape == (2, NUM_CLASSES)
+    assert ModuleValidator.validate(narrow, strict=False) == []
+    for bad in (dict(width=0), dict(width=0.001), dict(num_groups=0)):
+        with pytest.raises(ValueError):
+            resnet18(norm="group", **bad)
