@@ -329,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
         rb.add_argument("--aggregator", choices=["mean", "median", "trimmed_mean", "norm_clip"], default="mean",
                         help="server aggregation; the robust ones need plain (not secure) aggregation")
         rb.add_argument("--max-update-norm", type=float, help="reject a site's update above this L2 norm")
-        rb.add_argument("--max-norm-factor", type=float, default=10.0, help="reject an update above this many times the other sites' median norm (0: off)")
+        rb.add_argument("--max-norm-factor", type=float, default=100.0, help="reject an update above this many times the other sites' median norm (0: off)")
         rb.add_argument("--version-policy", choices=["refuse", "warn", "ignore"], default="refuse",
                         help="a site whose bundle or monai/torch/opacus/nvflare versions differ from the job's")
         rb.add_argument("--clients-per-round", type=float, help="sites drawn per round: a count, or a fraction below 1 (unreliable sites less often)")

@@ -104,7 +104,7 @@ class FederatedBundleController(BaseFedAvg):
         aggregator: str = "mean",
         trim_fraction: float = 0.1,
         max_update_norm: float | None = None,
-        max_norm_factor: float = 10.0,
+        max_norm_factor: float = 100.0,
         version_policy: str = "refuse",
         clients_per_round: float | None = None,
         expected_versions: dict | None = None,
@@ -233,8 +233,10 @@ class FederatedBundleController(BaseFedAvg):
         rnd = self.current_round
         for r in ok:
             name = r.meta["client_name"]
-            stats = (contribution_stats(r.params, mean_update) if self.shares_local_models and mean_update is not None
-                     else {"reported_norm": record["update_norm"].get(name)})
+            if self.shares_local_models:
+                stats = contribution_stats(r.params, mean_update)  # no cosine when the round was not aggregated
+            else:
+                stats = {"reported_norm": record.get("update_norm", {}).get(name)}
             self._gov.update_accepted(rnd, name, {**stats, "samples": record["samples"].get(name), "local_steps": record["steps"].get(name),
                                                   "duration_s": r.meta.get("train_seconds"), "weight": record["weights"].get(name),
                                                   "privacy": record["privacy"].get(name)})

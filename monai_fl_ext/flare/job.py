@@ -95,7 +95,7 @@ class FederatedJobSpec:
     aggregator: str = "mean"
     trim_fraction: float = 0.1
     max_update_norm: float | None = None
-    max_norm_factor: float = 10.0
+    max_norm_factor: float = 100.0
     version_policy: str = "refuse"
     clients_per_round: float | None = None
     resume: bool = False
