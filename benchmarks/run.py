@@ -24,6 +24,7 @@ from benchmarks import (
     data_pipeline,
     dp_step,
     dp_utility,
+    dti_fl,
     fl_overhead,
     fl_vs_central,
     secagg_cost,
@@ -42,6 +43,7 @@ REGISTRY: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     dp_utility.NAME: dp_utility.run,
     secagg_cost.NAME: secagg_cost.run,
     secagg_fl.NAME: secagg_fl.run,
+    dti_fl.NAME: dti_fl.run,
 }
 SUMMARIES = {
     data_pipeline.NAME: "images/s through the bundle's transforms: uncached vs cached vs cached+random, 64 and 224 px (~1-3 min)",
@@ -53,6 +55,7 @@ SUMMARIES = {
     secagg_cost.NAME: "secure aggregation per round (mask, unmask, bytes) at 3/10/30 sites, 0/30% dropout, vs plain FedAvg and CKKS (~5-10 min)",
     secagg_fl.NAME: "FedAvg with vs without secure aggregation in FLARE simulation, 3 and 10 sites: round time ratio (target <= 1.10) and test AUC (~10-20 min)",
     dp_utility.NAME: "FedAvg test macro AUC with DP-SGD at epsilon 8 vs without DP (GroupNorm both), target ratio >= 0.90 (~20-40 min)",
+    dti_fl.NAME: "DTI bundle, 12 scaffold-skewed sites: FL + secure aggregation vs central AUC (target >= 0.95), DP-SGD at epsilon 8, round time split (~20-40 min)",
 }
 REQUIRED_KEYS = ("name", "description", "command", "environment", "params", "rows", "summary")
 DEFAULT_OUT = REPO / "benchmarks" / "results"

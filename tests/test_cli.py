@@ -15,7 +15,7 @@ from PIL import Image
 from monai_fl_ext.cli import build_parser, main
 
 SUBCOMMANDS = ("generate", "load-nih", "load-medmnist", "partition", "central", "demo", "federated", "compare", "dp-sweep",
-               "audit-verify", "report", "registry", "stress")
+               "audit-verify", "report", "registry", "stress", "load-dti", "dti-consortium")
 
 
 @pytest.fixture(scope="module")
