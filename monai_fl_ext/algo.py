@@ -92,7 +92,7 @@ class FederatedBundleAlgo(MonaiAlgo):
 
         self.privacy.validate(len(self.train_workflow.train_dataset), where=str(self.client_name))
         self.dp = enable_dp_sgd(self.trainer, noise_multiplier=self.privacy.noise_multiplier or 1.0,
-                                max_grad_norm=self.privacy.max_grad_norm)
+                                max_grad_norm=self.privacy.max_grad_norm, grad_sample_mode=self.privacy.grad_sample_mode)
         self.accountant = PersistentAccountant(self.privacy_state, accountant=self.privacy.accountant, delta=self.privacy.delta)
         self._calibrated = False
 
@@ -141,6 +141,7 @@ class FederatedBundleAlgo(MonaiAlgo):
             "steps": self.accountant.steps,
             "budget_epsilon": self.privacy.budget_epsilon,
             "accountant": self.privacy.accountant,
+            "grad_sample_mode": self.privacy.grad_sample_mode,
         }
 
     def get_weights(self, extra: dict | None = None) -> ExchangeObject:

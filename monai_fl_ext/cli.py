@@ -106,6 +106,7 @@ def _privacy(args: argparse.Namespace) -> dict | None:
         settings["target_epsilon"] = args.dp_epsilon
     if args.dp_budget is not None:
         settings["budget_epsilon"] = args.dp_budget
+    settings["grad_sample_mode"] = args.dp_mode
     return settings
 
 
@@ -317,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
         dp.add_argument("--dp-delta", type=float, default=1e-5, help="delta; must be below 1/N for every site")
         dp.add_argument("--dp-clip", type=float, default=1.0, help="per-sample gradient clipping norm")
         dp.add_argument("--dp-budget", type=float, help="hard epsilon budget per site (default: the target); a site refuses a round past it")
+        dp.add_argument("--dp-mode", choices=["mixed_ghost", "hooks"], default="mixed_ghost",
+                        help="per-sample clipping: mixed ghost clipping for convolutions (fast, same step) or Opacus' hooks")
         dp.add_argument("--client-dp-clip", type=float, help="client-level DP (DP-FedAvg): clip each site's update to this L2 norm")
         dp.add_argument("--client-dp-noise", type=float, default=1.0, help="DP-FedAvg noise multiplier (with --client-dp-clip)")
         sa = p.add_argument_group("secure aggregation (pairwise masking: the server sees only the sum of the sites' updates)")

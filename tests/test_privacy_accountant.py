@@ -161,6 +161,7 @@ def test_dp_settings_rejects_delta_too_large():
         ({"target_epsilon": 8.0, "budget_epsilon": -2.0}, "budget_epsilon"),
         ({"target_epsilon": 8.0, "budget_epsilon": 4.0}, "budget_epsilon"),
         ({"max_grad_norm": 0.0}, "max_grad_norm"),
+        ({"grad_sample_mode": "ghost"}, "grad_sample_mode"),
         ({"max_grad_norm": -1.0}, "max_grad_norm"),
         ({"noise_multiplier": -0.5}, "noise_multiplier"),
         ({"accountant": "gdp"}, "accountant"),

@@ -86,6 +86,7 @@ def test_federated_dp_reaches_target_epsilon_over_the_planned_rounds(tiny_cohort
     assert eps[0] < eps[1] <= 8.0 + 1e-6 and eps[1] > 7.5  # noise derived for the whole run, spent over it
     for site, p in history["rounds"][-1]["privacy"].items():
         assert p["delta"] == 1e-3 and p["max_grad_norm"] == 1.0 and p["noise_multiplier"] > 0, site
+        assert p["grad_sample_mode"] == "mixed_ghost", site  # the fast per-sample clipping is the federated default
     assert (tmp_path / "fl" / "sites" / "site-1" / "privacy_accountant.json").is_file()
     assert (tmp_path / "fl" / "server" / "privacy.png").stat().st_size > 0
 
