@@ -351,7 +351,18 @@ def run_simulation(spec: FederatedJobSpec, workspace: str | os.PathLike | None =
     workspace = Path(workspace or Path(spec.output_dir) / "flare_workspace").resolve()
     with contextlib.chdir(FLARE_DIR), round_progress(spec, progress):
         job.simulator_run(str(workspace), clients=spec.sites(), threads=len(spec.sites()), log_config="concise")
-    return Path(spec.output_dir) / "server"
+    server = Path(spec.output_dir) / "server"
+    _check_finished(server, workspace / "server" / "log.txt")
+    return server
+
+
+def _check_finished(server: Path, log: Path) -> None:
+    """Raise when the server workflow did not reach an end (it raised, or its process was killed, e.g. out of memory)."""
+    history = server / "history.json"
+    status = json.loads(history.read_text()).get("status") if history.is_file() else None
+    if status in (None, "running"):
+        raise RuntimeError(f"the federated job ended without finishing (history status {status!r}); the server "
+                           f"workflow failed or its process was killed: see {log}")
 
 
 def export_job(spec: FederatedJobSpec, job_root: str | os.PathLike) -> Path:
