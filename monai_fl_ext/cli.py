@@ -230,7 +230,7 @@ def cmd_dti_consortium(args: argparse.Namespace) -> None:
     spec = SyntheticDTISpec(num_drugs=args.drugs, num_targets=args.targets, seed=args.seed)
     report = run_consortium(args.workdir, spec, num_sites=args.sites, alpha=args.alpha, rounds=args.rounds, local_epochs=args.local_epochs,
                             dp_epsilon=args.dp_epsilon, dp_delta=args.dp_delta, secure_agg=args.secure_agg, mode=args.mode,
-                            central=not args.no_central, overrides=dict(args.override), progress=not args.quiet)
+                            central=not args.no_central, algorithm=args.algorithm, overrides=dict(args.override), progress=not args.quiet)
     print("\n" + report_markdown(report) + f"\nreport: {Path(args.workdir) / (REPORT + '.json')} (and .md)")
 
 
@@ -416,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--secure-agg", action="store_true", help="pairwise-masked secure aggregation")
     p.add_argument("--mode", choices=["sim", "poc"], default="sim", help="FLARE simulator or POC (real processes over TLS)")
     p.add_argument("--no-central", action="store_true", help="skip the central baseline")
+    p.add_argument("--algorithm", choices=["fedavg", "fedprox", "fedopt"], default="fedavg", help="fedopt: server momentum SGD (lr 1, momentum 0.6)")
     p.add_argument("--override", type=_parse_override, action="append", default=[], metavar="KEY=VALUE", help="bundle config override for both runs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
