@@ -33,7 +33,7 @@ def _sizes(args: Namespace) -> dict[str, Any]:
         "num_targets": 12 if quick else 36,
         "sites": 4 if quick else 12,
         "rounds": args.rounds or (2 if quick else 5),
-        "local_epochs": args.local_epochs or (1 if quick else 2),
+        "local_epochs": args.local_epochs or (1 if quick else 3),
     }
 
 
