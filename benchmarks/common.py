@@ -128,3 +128,15 @@ def training_parts(overrides: dict[str, Any], batch_size: int) -> tuple[Any, Any
     x = torch.rand(batch_size, 1, *overrides["spatial_size"], generator=g)
     y = (torch.rand(batch_size, classes, generator=g) < 0.1).float()
     return network, loss_fn, optimizer, x, y
+
+
+def benchmark_workdir(args: Any, name: str) -> tuple[Path, Any]:
+    """``(work folder, temporary directory or None)``: ``--workdir/NAME`` kept, else a temporary folder to clean up."""
+    import tempfile
+
+    if getattr(args, "workdir", None):
+        work = Path(args.workdir).resolve() / name
+        work.mkdir(parents=True, exist_ok=True)
+        return work, None
+    tmp = tempfile.TemporaryDirectory(prefix=f"bench_{name}_")
+    return Path(tmp.name), tmp

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
 from argparse import Namespace
-from pathlib import Path
 from typing import Any
 
-from benchmarks.common import BUNDLE, DEMO_COHORT, command, demo_cohort, environment, fl_sizes, sig
+from benchmarks.common import BUNDLE, DEMO_COHORT, benchmark_workdir, command, demo_cohort, environment, fl_sizes, sig
 
 NAME = "dp_utility"
 TARGET_RATIO = 0.90
@@ -64,13 +62,7 @@ def run(args: Namespace) -> dict[str, Any]:
     tuned, dp_settings = dp_config(config_name)
     clip = float(dp_settings.get("max_grad_norm", 1.0))
     env = environment()
-    tmp = None
-    if args.workdir:
-        work = Path(args.workdir).resolve() / NAME
-        work.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="bench_dp_utility_")
-        work = Path(tmp.name)
+    work, tmp = benchmark_workdir(args, NAME)
     start = time.perf_counter()
     figures: dict[str, str] = {}
     try:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import tempfile
 import time
 from argparse import Namespace
-from pathlib import Path
 from typing import Any
 
-from benchmarks.common import command, environment, sig
+from benchmarks.common import benchmark_workdir, command, environment, sig
 
 NAME = "dti_fl"
 TARGET_RATIO = 0.95
@@ -44,13 +42,7 @@ def run(args: Namespace) -> dict[str, Any]:
 
     sizes = _sizes(args)
     env = environment()
-    tmp = None
-    if args.workdir:
-        work = Path(args.workdir).resolve() / NAME
-        work.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="bench_dti_fl_")
-        work = Path(tmp.name)
+    work, tmp = benchmark_workdir(args, NAME)
     spec = SyntheticDTISpec(num_drugs=sizes["num_drugs"], num_targets=sizes["num_targets"], seed=0)
     common = dict(num_sites=sizes["sites"], alpha=0.5, rounds=sizes["rounds"], local_epochs=sizes["local_epochs"], secure_agg=True,
                   min_site_size=5 if args.quick else 20, progress=False)

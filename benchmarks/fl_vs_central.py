@@ -5,14 +5,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 import time
 from argparse import Namespace
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import BUNDLE, DEMO_COHORT, command, demo_cohort, environment, fl_sizes, sig
+from benchmarks.common import BUNDLE, DEMO_COHORT, benchmark_workdir, command, demo_cohort, environment, fl_sizes, sig
 
 NAME = "fl_vs_central"
 TARGET_RATIO = 0.98
@@ -89,13 +88,7 @@ def run(args: Namespace) -> dict[str, Any]:
     patients, image_size, rounds, local_epochs = fl_sizes(args, quick_rounds=2, rounds=8)
     algorithms = [a.strip() for a in (args.algorithms or ("fedavg" if quick else "fedavg,fedprox,scaffold")).split(",") if a.strip()]
     env = environment()
-    tmp = None
-    if args.workdir:
-        work = Path(args.workdir).resolve() / NAME
-        work.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="bench_fl_vs_central_")
-        work = Path(tmp.name)
+    work, tmp = benchmark_workdir(args, NAME)
     walls: dict[str, float] = {}
     start = time.perf_counter()
     try:
