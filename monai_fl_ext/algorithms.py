@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from monai.networks.utils import copy_model_state
 
+from monai_fl_ext.robust import is_float, update_norm
+
 ALGORITHMS = ("fedavg", "fedprox", "scaffold", "fedopt")
 FEDPROX_MU = "fedprox_mu"  # FLARE's meta keys (nvflare.app_common.app_constant.AlgorithmConstants)
 SCAFFOLD_CTRL_GLOBAL = "scaffold_c_global"
@@ -156,19 +158,15 @@ def make_local_term(algorithm: str, fedprox_mu: float = 0.01) -> LocalTerm:
     return LocalTerm()
 
 
-def _is_float(value: Any) -> bool:
-    return np.issubdtype(np.asarray(value).dtype, np.floating)
-
-
 def clip_update(update: Mapping[str, Any], clip: float) -> tuple[dict[str, np.ndarray], float]:
     """Scale a site's update so that the L2 norm of its floating-point entries is at most ``clip``.
 
     Returns:
         ``(clipped update, norm before clipping)``.
     """
-    norm = float(np.sqrt(sum(float(np.sum(np.asarray(v, dtype=np.float64) ** 2)) for v in update.values() if _is_float(v))))
+    norm = update_norm(update)
     scale = min(1.0, clip / norm) if norm > 0 else 1.0
-    return {k: np.asarray(v) * scale if _is_float(v) else np.asarray(v) for k, v in update.items()}, norm
+    return {k: np.asarray(v) * scale if is_float(v) else np.asarray(v) for k, v in update.items()}, norm
 
 
 def dp_fedavg_mean(updates: list[Mapping[str, Any]], clip: float, noise_multiplier: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -187,7 +185,7 @@ def dp_fedavg_mean(updates: list[Mapping[str, Any]], clip: float, noise_multipli
     mean = {}
     for key in clipped[0]:
         total = sum(np.asarray(c[key], dtype=np.float64) for c in clipped) / n
-        if _is_float(clipped[0][key]):
+        if is_float(clipped[0][key]):
             total = total + rng.normal(0.0, noise_multiplier * clip / n, size=np.shape(total))
         mean[key] = total.astype(np.asarray(clipped[0][key]).dtype)
     return mean

@@ -16,13 +16,14 @@ import numpy as np
 AGGREGATORS = ("mean", "median", "trimmed_mean", "norm_clip")
 
 
-def _is_float(value: Any) -> bool:
+def is_float(value: Any) -> bool:
+    """Whether ``value`` holds floating-point numbers (integer buffers are not averaged or clipped)."""
     return np.issubdtype(np.asarray(value).dtype, np.floating)
 
 
 def update_norm(update: Mapping[str, Any]) -> float:
     """L2 norm over the floating-point entries of an update."""
-    return float(np.sqrt(sum(float(np.sum(np.square(np.asarray(v, dtype=np.float64)))) for v in update.values() if _is_float(v))))
+    return float(np.sqrt(sum(float(np.sum(np.square(np.asarray(v, dtype=np.float64)))) for v in update.values() if is_float(v))))
 
 
 def validate_update(update: Mapping[str, Any], reference: Mapping[str, Any], max_norm: float | None = None) -> str | None:
@@ -43,7 +44,7 @@ def validate_update(update: Mapping[str, Any], reference: Mapping[str, Any], max
         arr = np.asarray(update[k])
         if not np.issubdtype(arr.dtype, np.number):
             return f"{k} is not numeric (dtype {arr.dtype})"
-        if _is_float(arr) and not np.all(np.isfinite(arr)):
+        if is_float(arr) and not np.all(np.isfinite(arr)):
             return f"{k} has {int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))} non-finite value(s)"
     if max_norm is not None:
         norm = update_norm(update)
@@ -88,7 +89,7 @@ def aggregate(updates: Mapping[str, Mapping[str, Any]], weights: Mapping[str, fl
     if method == "norm_clip":
         norms = {s: update_norm(updates[s]) for s in sites}
         bound = clip_factor * float(np.median(list(norms.values())))
-        updates = {s: {k: np.asarray(v) * (min(1.0, bound / norms[s]) if norms[s] > 0 and _is_float(v) else 1.0)
+        updates = {s: {k: np.asarray(v) * (min(1.0, bound / norms[s]) if norms[s] > 0 and is_float(v) else 1.0)
                        for k, v in updates[s].items()} for s in sites}
     w = np.array([float(weights.get(s, 1.0)) for s in sites])
     if method in ("mean", "norm_clip") and not w.sum() > 0:

@@ -117,41 +117,48 @@ class SecureAggregateController(FederatedBundleController):
             results = self.broadcast_model(
                 data=model, task_name="train", targets=sorted(mailbox), min_responses=min(self.min_clients, len(mailbox)),
                 timeout=self.train_timeout, wait_time_after_min_received=self.wait_time_after_min_received, blocking=True)
-            for r in results:
-                masked = (r.params or {}).get(MASKED)
-                if masked is not None and not r.meta.get("error"):
-                    refused = self._check_versions(r)
-                    if refused:  # never added: the protocol treats the site as dropped and removes its masks
-                        self.warning(f"round {self.current_round}: {r.meta.get('client_name')} refused: {refused}")
-                        rejected[r.meta.get("client_name", "?")] = refused
-                        continue
-                    try:
-                        server.add_masked(r.meta.get("client_name", "?"), {**r.meta.get(MESSAGE, {}), MASKED: np.asarray(masked)})
-                        ok.append(r)
-                    except SecAggError as e:
-                        self.warning(str(e))
-                        rejected[r.meta.get("client_name", "?")] = str(e)
-            ok_names = {r.meta["client_name"] for r in ok}
-            _, more_failed = self._split_results(sorted(set(mailbox) - ok_names), [r for r in results if r.meta.get("client_name") not in ok_names])
-            failed = {**more_failed, **failed, **rejected}
-            record = self._round_record(ok, failed, time.time() - start)
-            record["sites_rejected"] = rejected
+            answered, train_failed = self._split_results(sorted(mailbox), results)
+            failed.update(train_failed)
+            ok = self._accept_masked(server, answered, rejected)
+            failed.update(rejected)
             if not self._may_aggregate(results, ok, failed):
-                return self._secure_record(record, ok, server, None), None, ok
+                return self._secure_record(ok, failed, rejected, start, server, None), None, ok
             request = server.unmask_request()
             self._collect(server.add_unmask, self._step(UNMASK, request["survivors"], {**header, PAYLOAD: request}), failed)
             result = server.aggregate()
         except SecAggAbort as e:
             self.warning(f"round {self.current_round}: {e}; the global model is unchanged")
-            record = self._round_record(ok, {**failed, **rejected}, time.time() - start)
-            record["sites_rejected"] = rejected
-            return self._secure_record(record, ok, server, None, aborted=str(e)), None, ok
+            return self._secure_record(ok, {**failed, **rejected}, rejected, start, server, None, aborted=str(e)), None, ok
         keys = layout(model.params)
         mean = unflatten(result.mean, {k: np.asarray(model.params[k], dtype=np.float32) for k in keys}, keys)
-        return self._secure_record(record, ok, server, result), mean, ok
+        return self._secure_record(ok, failed, rejected, start, server, result), mean, ok
 
-    def _secure_record(self, record: dict[str, Any], ok: list[FLModel], server: SecAggServer, result,
-                       aborted: str | None = None) -> dict[str, Any]:
+    def _accept_masked(self, server: SecAggServer, answered: list[FLModel], rejected: dict[str, str]) -> list[FLModel]:
+        """The answers whose masked vector the protocol accepted; the others go to ``rejected`` with the reason.
+
+        A refused site is never added: the protocol then treats it as dropped and removes its pairwise masks.
+        """
+        accepted = []
+        for r in answered:
+            name = r.meta["client_name"]
+            why = self._check_versions(r)
+            if why is None:
+                try:
+                    masked = (r.params or {}).get(MASKED)
+                    server.add_masked(name, {**r.meta.get(MESSAGE, {}), MASKED: None if masked is None else np.asarray(masked)})
+                    accepted.append(r)
+                    continue
+                except SecAggError as e:
+                    why = str(e)
+            self.warning(f"round {self.current_round}: update from {name} rejected: {why}")
+            rejected[name] = why
+        return accepted
+
+    def _secure_record(self, ok: list[FLModel], failed: dict[str, str], rejected: dict[str, str], start: float,
+                       server: SecAggServer, result, aborted: str | None = None) -> dict[str, Any]:
+        """The round's record: what sites report in the clear, and the protocol's outcome (never a single update)."""
+        record = self._round_record(ok, failed, time.time() - start)
+        record["sites_rejected"] = dict(rejected)
         info = {r.meta["client_name"]: r.meta.get(INFO, {}) for r in ok}
         record["weights"] = {}  # computed and masked at the sites; only the total is known
         record["update_norm"] = {s: float(m.get("update_norm", 0.0)) for s, m in info.items()}

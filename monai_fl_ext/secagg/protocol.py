@@ -440,7 +440,8 @@ class SecAggServer:
             SecAggAbort: fewer than ``threshold`` survivors answered, or a secret does not reconstruct.
         """
         cfg, enc = self.config, self.config.encoding
-        survivors, dropped = self.unmask_request()["survivors"], self.unmask_request()["dropped"]
+        request = self.unmask_request()
+        survivors, dropped = request["survivors"], request["dropped"]
         self._need(self.revealed, "unmasking")
         total = np.zeros(cfg.length + 1, dtype=enc.dtype)
         for site in survivors:
