@@ -104,13 +104,44 @@ def _loss_of(output: Any) -> dict[str, Any]:
     return {"loss": item.get("loss")} if isinstance(item, dict) else {}
 
 
+def load_state(path: str | os.PathLike) -> dict[str, Any]:
+    """A plain or ``{"model": ...}`` checkpoint's state dict (``weights_only``), without Opacus' ``_module.`` prefix.
+
+    Raises:
+        InputError: the file is missing or not a torch checkpoint of tensors.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise InputError(f"{path}: model file not found") from e
+    except Exception as e:  # torch raises several types for a bad file
+        raise InputError(f"{path}: not a loadable torch checkpoint ({e})") from e
+    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
+        state = state["model"]
+    if not isinstance(state, Mapping):
+        raise InputError(f"{path}: expected a state dict, found {type(state).__name__}")
+    return {k.removeprefix("_module."): v for k, v in state.items()}
+
+
+def check_state_matches(state: Mapping[str, Any], network: torch.nn.Module, where: str) -> None:
+    """Raise unless ``state`` has exactly ``network``'s state-dict keys and shapes.
+
+    Raises:
+        InputError: naming ``where`` and the missing, unexpected or mis-shaped keys (a few of each).
+    """
+    expected = {k: tuple(v.shape) for k, v in network.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = sorted(k for k in set(expected) & set(state) if tuple(getattr(state[k], "shape", ())) != expected[k])
+    if missing or unexpected or shapes:
+        detail = "; ".join(f"{label} {keys[:4]}{' ...' if len(keys) > 4 else ''} ({len(keys)})"
+                           for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape differs", shapes)) if keys)
+        raise InputError(f"{where} does not fit the bundle's network (check norm/width overrides): {detail}")
+
+
 def load_checkpoint(network: torch.nn.Module, path: str | os.PathLike) -> torch.nn.Module:
     """Load a plain or ``{"model": state_dict}`` checkpoint into ``network``, ignoring Opacus' ``_module.`` prefix."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if "model" in state and isinstance(state["model"], Mapping):
-        state = state["model"]
-    state = {k.removeprefix("_module."): v for k, v in state.items()}
-    network.load_state_dict(state)
+    network.load_state_dict(load_state(path))
     return network
 
 

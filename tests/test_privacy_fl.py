@@ -130,3 +130,53 @@ def test_fedprox_still_pulls_towards_the_global_model_under_dp_sgd(tiny_cohort, 
         drift[mu] = float(torch.sqrt(sum((v.float() ** 2).sum() for v in update.weights.values())))
         algo.finalize()
     assert drift[500.0] < 0.7 * drift[0.0]  # the proximal step survives DP-SGD's gradient replacement
+
+
+def _pretrained_stand_in(path, overrides, seed=123):
+    """A checkpoint of the bundle's network with other weights than the job's seeded start, saved as Opacus would."""
+    import torch
+
+    from monai_fl_ext.bundle import resolve_bundle
+    from monai_fl_ext.flare.network import build_bundle_network
+
+    network = build_bundle_network(str(resolve_bundle("chest_xray_classification")), {**overrides, "seed": seed})
+    state = {f"_module.{k}": v for k, v in network.state_dict().items()}
+    torch.save({"model": state}, path)
+    return {k.removeprefix("_module."): v for k, v in state.items()}
+
+
+def test_initial_checkpoint_that_does_not_fit_the_network_is_refused_naming_the_keys(tiny_cohort, tmp_path):
+    from monai_fl_ext.errors import InputError
+    from monai_fl_ext.flare.job import FederatedJobSpec
+
+    dataset_dir, _, partition_dir = tiny_cohort
+    _pretrained_stand_in(tmp_path / "batchnorm.pt", {"norm": "batch"})
+    spec = FederatedJobSpec(bundle="chest_xray_classification", dataset_dir=str(dataset_dir), partition_dir=str(partition_dir),
+                            output_dir=str(tmp_path / "fl"), privacy={"noise_multiplier": 1.0, "delta": 1e-3},
+                            initial_checkpoint=str(tmp_path / "batchnorm.pt"))
+    with pytest.raises(InputError, match=r"batchnorm\.pt does not fit .*unexpected .*running_mean"):
+        spec.validate()  # DP switches the job to GroupNorm; a BatchNorm checkpoint has running statistics
+    spec.initial_checkpoint = str(tmp_path / "missing.pt")
+    with pytest.raises(InputError, match="missing.pt: model file not found"):
+        spec.validate()
+
+
+@pytest.mark.slow
+def test_dp_fine_tuning_starts_every_site_from_the_initial_checkpoint(tiny_cohort, tmp_path):
+    from monai_fl_ext.flare.job import FederatedJobSpec, run_simulation
+    from monai_fl_ext.governance.registry import ModelRegistry, tensor_sha256
+
+    dataset_dir, _, partition_dir = tiny_cohort
+    overrides = {"spatial_size": [TINY_SIZE, TINY_SIZE], "batch_size": 16, "norm": "group"}
+    pretrained = _pretrained_stand_in(tmp_path / "pretrained.pt", overrides)
+    spec = FederatedJobSpec(bundle="chest_xray_classification", dataset_dir=str(dataset_dir), partition_dir=str(partition_dir),
+                            output_dir=str(tmp_path / "fl"), num_rounds=1, cross_site_eval=False, wait_time_after_min_received=60,
+                            overrides=overrides, privacy={"noise_multiplier": 1.0, "delta": 1e-3},
+                            initial_checkpoint=str(tmp_path / "pretrained.pt"))
+    server = run_simulation(spec, progress=False)
+    registry = ModelRegistry(server / "governance")
+    assert registry.get("initial")["weights_sha256"] == tensor_sha256(pretrained)
+    assert registry.get("round-0")["weights_sha256"] != tensor_sha256(pretrained)  # and DP-SGD then moved it
+    trail = [json.loads(line) for line in (server / "governance" / "audit_trail.jsonl").read_text().splitlines()]
+    start = next(r for r in trail if r.get("event") == "job_start")
+    assert json.dumps(start).count(tensor_sha256(pretrained)) == 1

@@ -65,6 +65,10 @@ class FederatedJobSpec:
         privacy: DP-SGD at every site, as :class:`~monai_fl_ext.privacy.DPSettings` fields (e.g.
             ``{"target_epsilon": 8.0}``); the bundle is switched to ``norm=group``.
         client_dp: client-level DP-FedAvg at the server: ``{"clip": C, "noise_multiplier": z, "delta": d}``.
+        initial_checkpoint: start the global model from this checkpoint (a bundle's ``models/model.pt``, plain or
+            ``{"model": ...}``, Opacus' ``_module.`` prefix ignored) instead of the bundle's seeded initialisation:
+            e.g. a model pretrained on public data, which DP fine-tuning then adapts (docs/privacy.md). It must fit
+            the network built with ``overrides``; the job carries a copy of its weights.
         secure_aggregation: aggregate by pairwise masking (:class:`~monai_fl_ext.flare.secure.SecureAggregateController`):
             ``{}`` for the defaults, or settings ``bits``, ``clip_range``, ``max_weight``, ``threshold``,
             ``report_counts``; None aggregates in the clear.
@@ -104,12 +108,14 @@ class FederatedJobSpec:
     privacy: dict[str, Any] | None = None
     client_dp: dict[str, float] | None = None
     secure_aggregation: dict[str, Any] | None = None
+    initial_checkpoint: str | None = None
     name: str = "monai_fl_ext"
 
     def __post_init__(self) -> None:
         # absolute from the start: the job is built and run from other working directories
-        for name in ("dataset_dir", "partition_dir", "output_dir"):
-            setattr(self, name, str(Path(getattr(self, name)).resolve()))
+        for name in ("dataset_dir", "partition_dir", "output_dir", "initial_checkpoint"):
+            if getattr(self, name) is not None:
+                setattr(self, name, str(Path(getattr(self, name)).resolve()))
 
     def sites(self) -> list[str]:
         return [s["name"] for s in load_manifest(self.partition_dir)["sites"]]
@@ -153,9 +159,25 @@ class FederatedJobSpec:
         if self.secure_aggregation is not None:
             self._validate_secure_aggregation(sites)
         self._validate_robustness(sites)
+        if self.initial_checkpoint is not None:
+            self.initial_state()
         if not Path(self.dataset_dir).is_dir():
             raise InputError(f"dataset_dir {self.dataset_dir} is not a folder")
 
+
+    def initial_state(self) -> dict[str, Any]:
+        """The weights of ``initial_checkpoint``, checked against the bundle's network with ``overrides``.
+
+        Raises:
+            InputError: the file is missing or unreadable, or its keys or shapes differ from the network's.
+        """
+        from monai_fl_ext.bundle import check_state_matches, load_state
+        from monai_fl_ext.flare.network import build_bundle_network
+
+        state = load_state(self.initial_checkpoint)
+        network = build_bundle_network(str(resolve_bundle(self.bundle)), self.overrides)
+        check_state_matches(state, network, f"initial_checkpoint {self.initial_checkpoint}")
+        return state
 
     def _validate_robustness(self, sites: list[str]) -> None:
         from monai_fl_ext.faults import FaultPlan
@@ -250,8 +272,13 @@ def build_job(spec: FederatedJobSpec, shared_machine: bool = True):
     sites = spec.sites()
     min_clients = spec.min_clients or len(sites)
     job = BaseFedJob(name=spec.name, min_clients=min_clients)
+    initial = None
+    if spec.initial_checkpoint is not None:  # the job carries the weights (server custom/), so an exported job does too
+        initial = _initial_weights_file(spec)
+        job.to_server(str(initial))
     job.to_server(PTModel(model=bundle_model_spec(str(bundle_root), spec.overrides),
-                          persistor=BundleModelPersistor(str(bundle_root), spec.overrides)))
+                          persistor=BundleModelPersistor(str(bundle_root), spec.overrides,
+                                                         source_ckpt_file_full_name=initial.name if initial else None)))
     controller = FederatedBundleController
     extra: dict[str, Any] = {}
     if spec.secure_aggregation is not None:
@@ -303,6 +330,19 @@ def _add_quantization(job: Any, quantization: str, sites: list[str]) -> None:
     for site in sites:
         job.to(ModelDequantizer(), site, filter_type=FilterType.TASK_DATA, tasks=["train"])
         job.to(ModelQuantizer(quantization_type=quantization), site, filter_type=FilterType.TASK_RESULT, tasks=["train"])
+
+
+def _initial_weights_file(spec: FederatedJobSpec) -> Path:
+    """``initial_checkpoint``'s weights as a plain state dict (no prefix, tensors only) under the output folder."""
+    import io
+
+    import torch
+
+    from monai_fl_ext.io import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in spec.initial_state().items()}, buffer)
+    return atomic_write_bytes((Path(spec.output_dir) / "initial_model.pt").resolve(), buffer.getvalue())
 
 
 def _record_spec(spec: FederatedJobSpec) -> Path:

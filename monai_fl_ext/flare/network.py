@@ -47,10 +47,14 @@ class BundleModelPersistor(_persistor_base()):
         bundle_root: bundle folder.
         overrides: bundle config overrides for the network (e.g. ``{"norm": "group"}``).
         exclude_pattern: regular expression of state-dict keys not exchanged.
+        source_ckpt_file_full_name: start from this checkpoint instead of the bundle's seeded initialisation
+            (FLARE's own option: absolute, or relative to the server app's ``custom/`` folder).
     """
 
-    def __init__(self, bundle_root: str, overrides: dict[str, Any] | None = None, exclude_pattern: str = "num_batches_tracked") -> None:
-        super().__init__(model=bundle_model_spec(bundle_root, overrides), exclude_vars=exclude_pattern)
+    def __init__(self, bundle_root: str, overrides: dict[str, Any] | None = None, exclude_pattern: str = "num_batches_tracked",
+                 source_ckpt_file_full_name: str | None = None) -> None:
+        super().__init__(model=bundle_model_spec(bundle_root, overrides), exclude_vars=exclude_pattern,
+                         source_ckpt_file_full_name=source_ckpt_file_full_name)
         # stored under their own names (not PTFileModelPersistor's compiled pattern) so FLARE can export the job
         self.bundle_root = bundle_root
         self.overrides = dict(overrides or {})

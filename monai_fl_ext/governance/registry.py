@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from monai_fl_ext.bundle import load_state  # noqa: F401  (re-exported: the registry's model loader)
 from monai_fl_ext.errors import InputError
 from monai_fl_ext.governance.audit import jsonable
 from monai_fl_ext.io import atomic_output_dir, atomic_write_json, read_json, sha256_file, to_json
@@ -55,27 +56,6 @@ def tensor_sha256(state: Mapping[str, Any]) -> str:
         h.update(f"{arr.dtype.str}{list(arr.shape)}".encode("ascii") + b"\0")
         h.update(arr.tobytes())
     return h.hexdigest()
-
-
-def load_state(path: str | os.PathLike) -> dict[str, Any]:
-    """A plain or ``{"model": ...}`` checkpoint's state dict (``weights_only``), without Opacus' prefix.
-
-    Raises:
-        InputError: the file is missing or not a torch checkpoint of tensors.
-    """
-    import torch
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise InputError(f"{path}: model file not found") from e
-    except Exception as e:  # torch raises several types for a bad file
-        raise InputError(f"{path}: not a loadable torch checkpoint ({e})") from e
-    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
-        state = state["model"]
-    if not isinstance(state, Mapping):
-        raise InputError(f"{path}: expected a state dict, found {type(state).__name__}")
-    return {k.removeprefix("_module."): v for k, v in state.items()}
 
 
 class ModelRegistry:
