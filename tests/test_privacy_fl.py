@@ -162,7 +162,7 @@ def test_initial_checkpoint_that_does_not_fit_the_network_is_refused_naming_the_
 
 
 @pytest.mark.slow
-def test_dp_fine_tuning_starts_every_site_from_the_initial_checkpoint(tiny_cohort, tmp_path):
+def test_dp_fine_tuning_starts_every_site_from_the_initial_checkpoint(tiny_cohort, tmp_path, monkeypatch):
     from monai_fl_ext.flare.job import FederatedJobSpec, run_simulation
     from monai_fl_ext.governance.registry import ModelRegistry, tensor_sha256
 
@@ -173,6 +173,7 @@ def test_dp_fine_tuning_starts_every_site_from_the_initial_checkpoint(tiny_cohor
                             output_dir=str(tmp_path / "fl"), num_rounds=1, cross_site_eval=False, wait_time_after_min_received=60,
                             overrides=overrides, privacy={"noise_multiplier": 1.0, "delta": 1e-3},
                             initial_checkpoint=str(tmp_path / "pretrained.pt"))
+    monkeypatch.syspath_prepend(str(tmp_path))  # as when the caller's script sits above the output folder
     server = run_simulation(spec, progress=False)
     registry = ModelRegistry(server / "governance")
     assert registry.get("initial")["weights_sha256"] == tensor_sha256(pretrained)

@@ -275,7 +275,7 @@ def build_job(spec: FederatedJobSpec, shared_machine: bool = True):
     initial = None
     if spec.initial_checkpoint is not None:  # the job carries the weights (server custom/), so an exported job does too
         initial = _initial_weights_file(spec)
-        job.to_server(str(initial))
+        job.add_file_to_server(str(initial))  # by base name into custom/ (to_server would keep a sys.path-relative folder)
     job.to_server(PTModel(model=bundle_model_spec(str(bundle_root), spec.overrides),
                           persistor=BundleModelPersistor(str(bundle_root), spec.overrides,
                                                          source_ckpt_file_full_name=initial.name if initial else None)))
@@ -306,7 +306,7 @@ def build_job(spec: FederatedJobSpec, shared_machine: bool = True):
     # The spec travels with the job as a record, in the server app's custom/ folder. That folder makes the
     # server app "bring your own code", which FLARE's class allow-list exempts (POC); a production site that
     # forbids BYOC lists "monai_fl_ext." in class_allow_list of its resources.json instead.
-    job.to_server(str(_record_spec(spec)))
+    job.add_file_to_server(str(_record_spec(spec)))
     with contextlib.chdir(FLARE_DIR):
         for site in sites:
             job.to(ScriptRunner(script=CLIENT_SCRIPT, script_args=_client_args(spec, bundle_root, site, shared_machine)), site)
