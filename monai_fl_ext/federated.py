@@ -36,6 +36,21 @@ def run_federated(spec: Any, datalist: str | os.PathLike, mode: str = "sim", pro
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     server_dir = run_simulation(spec, progress=progress) if mode == "sim" else run_poc(spec, progress=progress)
+    return federated_report(spec, datalist, server_dir, mode)
+
+
+def federated_report(spec: Any, datalist: str | os.PathLike, server_dir: Path, mode: str) -> dict[str, Any]:
+    """Evaluate the global model a finished run left in ``server_dir`` on the test sets and write the report.
+
+    Args:
+        spec: the job that ran.
+        datalist: pooled datalist (its test split is the pooled test set).
+        server_dir: the server's output folder (``history.json``, ``models/``).
+        mode: how the job ran (recorded in the report).
+
+    Returns:
+        The report of :func:`run_federated`.
+    """
     history = read_json(server_dir / "history.json")
     models = server_dir / "models"
     checkpoint = models / "best_global_model.pt" if (models / "best_global_model.pt").exists() else models / "final_global_model.pt"

@@ -3,7 +3,8 @@
 Each scenario runs a fault-free baseline and the faulty job on the same synthetic cohort and partition
 (seeded), in FLARE's simulator, and reports: rounds completed, contributions dropped and rejected,
 wall times, whether every global model the server published is finite, and the final test AUC against
-the baseline.
+the baseline. ``site-restart`` runs in POC mode instead: real site processes, one of them killed and
+started again (:mod:`monai_fl_ext.flare.site_restart`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ SCENARIOS: dict[str, str] = {
     "dropouts": "each site fails a round with probability 0.3 and every site straggles 0-2 s; rounds go on with at least 30 percent of the sites",
     "poisoned": "one site sends an update scaled by 1e4 every round and another a non-finite one in round 0; both are rejected",
     "restart": "the server crashes right after checkpointing the middle round and the job is resumed from its checkpoint",
+    "site-restart": "POC mode (real processes): site-2's process tree is SIGKILLed while it trains in round 1 and started "
+                    "again with its startup/start.sh two rounds later; the others carry the rounds, and the site rejoins "
+                    "through a job resumed from the server checkpoint",
 }
 
 
@@ -37,6 +41,8 @@ def scenario_plan(name: str, num_sites: int, rounds: int, seed: int = 0) -> tupl
                                         "site-3": {"poison": {"0": "nan"}}}}, {"min_clients": 1}
     if name == "restart":
         return {"seed": seed, "server_crash_after_round": max(0, rounds // 2 - 1)}, {}
+    if name == "site-restart":  # not a fault plan: the drill kills and restarts real processes
+        return {}, {"min_clients": max(1, num_sites - 1)}
     raise ValueError(f"unknown scenario {name!r}; choose from {sorted(SCENARIOS)}")
 
 
@@ -86,6 +92,8 @@ def run_stress(scenario: str, spec: Any, datalist: str | os.PathLike, baseline: 
     from monai_fl_ext.federated import run_federated
     from monai_fl_ext.flare.job import run_simulation
 
+    if scenario == "site-restart":
+        return run_site_restart(spec, datalist, baseline=baseline, progress=progress)
     plan, settings = scenario_plan(scenario, len(spec.sites()), spec.num_rounds)
     out = Path(spec.output_dir)
     result: dict[str, Any] = {"scenario": scenario, "description": SCENARIOS[scenario], "sites": len(spec.sites()),
@@ -113,11 +121,74 @@ def run_stress(scenario: str, spec: Any, datalist: str | os.PathLike, baseline: 
     return result
 
 
+def _site_restart_summary(report: dict[str, Any], server: Path, wall: float, site: str, drill: dict[str, Any]) -> dict[str, Any]:
+    """The general summary plus who contributed in each round, when the site was killed and restarted, and its epsilon."""
+    history = read_json(server / "history.json")
+    rounds = history["rounds"]
+    contributed = [r["round"] for r in rounds if site in r["sites_ok"]]
+    restarted = drill["restarted"]["round"]
+    eps = {r["round"]: r["privacy"][site]["epsilon"] for r in rounds if site in (r.get("privacy") or {})}
+    return {**_summary(report, server, wall),
+            "sites_per_round": {r["round"]: r["sites_ok"] for r in rounds},
+            "site": site, "killed_in_round": drill["killed"]["round"], "killed_at_s": drill["killed"]["at_s"],
+            "restarted_in_round": restarted, "restarted_at_s": drill["restarted"]["at_s"],
+            "registered_at_s": drill["registered"]["at_s"], "handover_round": drill["handover"]["round"],
+            "missed_rounds": [r["round"] for r in rounds if site not in r["sites_ok"]],
+            "rejoined": any(r >= restarted for r in contributed), "site_epsilon": eps,
+            "jobs": [f"{j['job_id']}: {j.get('status')}" for j in drill["jobs"]]}
+
+
+def run_site_restart(spec: Any, datalist: str | os.PathLike, baseline: bool = True, progress: bool = False,
+                     plan: Any = None) -> dict[str, Any]:
+    """The ``site-restart`` scenario in POC mode (:mod:`monai_fl_ext.flare.site_restart`), reported like the others.
+
+    Args:
+        spec: the fault-free job; its ``output_dir`` gets ``baseline/`` and ``faulty/`` runs. It is run with the
+            drill's settings (:func:`~monai_fl_ext.flare.site_restart.drill_spec`), the baseline too.
+        datalist: pooled datalist (its test split scores both runs).
+        baseline: also run the same POC job without the kill.
+        progress: progress bar over the baseline's rounds.
+        plan: a :class:`~monai_fl_ext.flare.site_restart.SiteRestartPlan` (default: site-2, round 1, two rounds).
+
+    Returns:
+        The report, also written to ``<output_dir>/stress_site-restart.json`` and ``.md``.
+    """
+    from monai_fl_ext.federated import federated_report, run_federated
+    from monai_fl_ext.flare.site_restart import SiteRestartPlan, drill_spec, run_site_restart_drill
+
+    plan = plan or SiteRestartPlan()
+    out = Path(spec.output_dir)
+    spec = drill_spec(spec)
+    result: dict[str, Any] = {"scenario": "site-restart", "description": SCENARIOS["site-restart"], "sites": len(spec.sites()),
+                              "rounds": spec.num_rounds, "fault_plan": {"site_restart": vars(plan)},
+                              "settings": {k: getattr(spec, k) for k in ("min_clients", "train_timeout", "wait_time_after_min_received")}}
+    if baseline:
+        base = replace(spec, output_dir=str(out / "baseline"))
+        start = time.perf_counter()
+        report = run_federated(base, datalist, mode="poc", progress=progress)
+        result["baseline"] = _summary(report, out / "baseline" / "server", time.perf_counter() - start)
+    faulty = replace(spec, output_dir=str(out / "faulty"))
+    start = time.perf_counter()
+    drill = run_site_restart_drill(faulty, plan)
+    report = federated_report(faulty, datalist, out / "faulty" / "server", "poc")
+    result["drill"] = drill
+    result["faulty"] = _site_restart_summary(report, out / "faulty" / "server", time.perf_counter() - start, plan.site, drill)
+    if baseline:
+        result["auc_difference"] = result["faulty"]["test_macro_auc"] - result["baseline"]["test_macro_auc"]
+        result["within_0.02"] = bool(abs(result["auc_difference"]) <= 0.02)
+    atomic_write_json(out / "stress_site-restart.json", result)
+    atomic_write_text(out / "stress_site-restart.md", stress_markdown(result))
+    return result
+
+
 def stress_markdown(result: dict[str, Any]) -> str:
     """A table of the faulty run next to the baseline."""
     runs = [k for k in ("baseline", "faulty") if k in result]
     keys = ["status", "rounds_completed", "rounds_planned", "contributions", "dropped", "rejected", "resumed_at_round",
             "published_models_finite", "test_macro_auc", "wall_s"]
+    keys += [k for k in ("sites_per_round", "site", "killed_in_round", "killed_at_s", "restarted_in_round", "restarted_at_s",
+                         "registered_at_s", "handover_round", "missed_rounds", "rejoined", "site_epsilon", "jobs")
+             if k in result.get("faulty", {})]
     lines = [f"# Stress scenario `{result['scenario']}`", "", result["description"], "",
              f"{result['sites']} sites, {result['rounds']} rounds; fault plan `{result['fault_plan']}`", "",
              "| | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]

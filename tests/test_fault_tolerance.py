@@ -119,3 +119,45 @@ def test_server_crash_mid_job_resumes_from_the_checkpoint_keeping_privacy_and_au
     events = [r["event"] for r in read_records(trail)]
     assert "server_crash_injected" in events and "job_resumed" in events and events[-1] == "job_end"
     assert events.count("aggregated") == 3
+
+
+@pytest.mark.slow  # 136 s on a quiet 2-core machine, 258 s under load
+def test_poc_site_killed_mid_round_restarted_two_rounds_later_rejoins_with_its_privacy_accountant(tiny_cohort, tmp_path):
+    """Real POC processes: site-2's process tree is SIGKILLed while training round 1 and started with its start.sh in round 3."""
+    import psutil
+
+    from monai_fl_ext.flare.site_restart import SiteRestartPlan
+    from monai_fl_ext.governance import verify_trail
+    from monai_fl_ext.governance.audit import read_records
+    from monai_fl_ext.stress import run_site_restart
+
+    dataset_dir, datalist, partition_dir = tiny_cohort
+    spec = _spec(dataset_dir, partition_dir, tmp_path / "stress", privacy={"noise_multiplier": 1.0}, name="site_restart")
+    spec.num_rounds = 4
+
+    result = run_site_restart(spec, datalist, baseline=False, plan=SiteRestartPlan("site-2", kill_round=1, restart_after_rounds=2))
+    faulty = result["faulty"]
+    assert [j.split(": ")[1] for j in faulty["jobs"]] == ["FINISHED:ABORTED", "FINISHED:COMPLETED"]  # handover, then resumed
+    assert faulty["status"] == "completed" and faulty["rounds_completed"] == 4 and faulty["resumed_at_round"] == [3]
+    assert faulty["killed_in_round"] == 1 and faulty["restarted_in_round"] == 3
+    per_round = {int(k): v for k, v in faulty["sites_per_round"].items()}
+    assert per_round == {0: ["site-1", "site-2", "site-3"], 1: ["site-1", "site-3"], 2: ["site-1", "site-3"],
+                         3: ["site-1", "site-2", "site-3"]}
+    assert faulty["missed_rounds"] == [1, 2] and faulty["rejoined"] and faulty["published_models_finite"]
+    server = tmp_path / "stress" / "faulty" / "server"
+    history = json.loads((server / "history.json").read_text())
+    assert "no answer within the round" in history["rounds"][1]["sites_failed"]["site-2"]
+    # the restarted site's epsilon continued from its persisted accountant: after round 3 it counts round 0's steps and
+    # round 3's (and round 1's when the kill came after its local steps were recorded); a fresh one would count round 3's only
+    eps = {int(k): v for k, v in faulty["site_epsilon"].items()}
+    assert 0 < eps[0] < eps[3]
+    p0, p3 = history["rounds"][0]["privacy"]["site-2"], history["rounds"][3]["privacy"]["site-2"]
+    assert p3["steps"] >= p0["steps"] + history["rounds"][3]["steps"]["site-2"]
+    accountant = json.loads((tmp_path / "stress" / "faulty" / "sites" / "site-2" / "privacy_accountant.json").read_text())
+    assert accountant["steps"] == p3["steps"]
+    trail = server / "governance" / "audit_trail.jsonl"
+    assert verify_trail(trail).ok
+    events = [r["event"] for r in read_records(trail)]
+    assert "job_resumed" in events and events[-1] == "job_end" and events.count("aggregated") == 4
+    poc = str(tmp_path / "stress" / "faulty" / "poc_workspace")
+    assert not [p.pid for p in psutil.process_iter(["cmdline"]) if any(poc in a for a in p.info["cmdline"] or [])]
