@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     fl.add_argument("--algorithms", help="fl_vs_central: comma-separated algorithms (default fedavg,fedprox,scaffold; quick: fedavg)")
     fl.add_argument("--image-size", type=int, help="synthetic image and spatial size in px (default 64; quick: 32)")
     fl.add_argument("--noise", type=float, nargs="+", help="dp_utility: extra fixed noise multipliers to sweep (default none: non-private and target epsilon 8 only)")
+    fl.add_argument("--public-patients", type=int, help="dp_utility: public cohort for non-private pretraining before DP fine-tuning (default 1000; quick 120; 0: train from scratch)")
+    fl.add_argument("--public-epochs", type=int, help="dp_utility: central pretraining epochs on the public cohort (default 4; quick 1)")
     fl.add_argument("--workdir", type=Path, help="keep the cohort and the runs' outputs under WORKDIR/NAME (default: a temporary folder)")
     return parser
 
