@@ -299,6 +299,34 @@ def test_train_evaluate_infer_export_and_dp_with_stock_monai_cli(tiny_dti, tmp_p
 
 
 # ---- federated -------------------------------------------------------------------------------------------
+def test_validation_curve_assigns_each_metric_to_the_model_it_evaluated():
+    from monai_fl_ext.dti_demo import validation_curve
+
+    report = {"rounds": [{"round": 0, "global_metrics": {"val_auc": 0.5}}, {"round": 1, "global_metrics": {"val_auc": 0.8}},
+                         {"round": 2, "global_metrics": {}}],
+              "final_validation": {"global_metrics": {"val_auc": 0.9}}}
+    assert validation_curve(report) == [{"after_round": 1, "val_auc": 0.8}, {"after_round": 3, "val_auc": 0.9}]
+
+
+def test_dti_consortium_cli_defaults_are_the_scenario_schedule():
+    from monai_fl_ext.cli import build_parser
+    from monai_fl_ext.dti_demo import SCENARIO_SCHEDULE
+
+    args = build_parser().parse_args(["dti-consortium"])
+    assert (args.rounds, args.local_epochs, args.algorithm, args.server_opt, args.server_lr, args.server_momentum) == tuple(
+        SCENARIO_SCHEDULE[k] for k in ("rounds", "local_epochs", "algorithm", "server_optimizer", "server_lr", "server_momentum"))
+    assert args.central_epochs is None  # the central baseline defaults to rounds x local epochs
+
+
+def test_torch_threads_restores_the_thread_count():
+    from monai_fl_ext.dti_demo import torch_threads
+
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+
+
 @pytest.mark.slow
 def test_three_site_flare_simulation_with_dp_sgd_and_secure_aggregation(tiny_dti, tmp_path):
     from monai_fl_ext.dti_demo import audit_verdict, round_time_split
