@@ -135,6 +135,7 @@ def _job_spec(args: argparse.Namespace, algorithm: str | None = None):
         secure_aggregation=_secure_aggregation(args), aggregator=args.aggregator, max_update_norm=args.max_update_norm,
         max_norm_factor=args.max_norm_factor, version_policy=args.version_policy, clients_per_round=args.clients_per_round,
         data_policy=args.data_policy, check_images=args.check_images, resume=args.resume,
+        initial_checkpoint=args.initial_checkpoint,
         faults=FaultPlan.load(args.faults).to_dict() if args.faults else None,
     )
 
@@ -211,7 +212,12 @@ def cmd_stress(args: argparse.Namespace) -> None:
                             output_dir=str(work / args.scenario), num_rounds=args.rounds, cross_site_eval=False,
                             overrides={"spatial_size": [args.image_size, args.image_size], "seed": args.seed},
                             wait_time_after_min_received=args.wait, name=f"stress_{args.scenario}")
-    print(stress_markdown(run_stress(args.scenario, spec, datalist, baseline=not args.no_baseline, progress=not args.quiet)))
+    if args.repeats > 1:
+        from monai_fl_ext.stress import repeated_markdown, run_stress_repeated
+
+        print(repeated_markdown(run_stress_repeated(args.scenario, spec, datalist, args.repeats, progress=not args.quiet)))
+        return
+    print(stress_markdown(run_stress(args.scenario, spec, datalist, baseline=not args.no_baseline, progress=not args.quiet, seed=args.seed)))
 
 
 def cmd_load_dti(args: argparse.Namespace) -> None:
@@ -230,7 +236,9 @@ def cmd_dti_consortium(args: argparse.Namespace) -> None:
     spec = SyntheticDTISpec(num_drugs=args.drugs, num_targets=args.targets, seed=args.seed)
     report = run_consortium(args.workdir, spec, num_sites=args.sites, alpha=args.alpha, rounds=args.rounds, local_epochs=args.local_epochs,
                             dp_epsilon=args.dp_epsilon, dp_delta=args.dp_delta, secure_agg=args.secure_agg, mode=args.mode,
-                            central=not args.no_central, algorithm=args.algorithm, overrides=dict(args.override), progress=not args.quiet)
+                            central=not args.no_central, algorithm=args.algorithm, overrides=dict(args.override), progress=not args.quiet,
+                            server_optimizer=args.server_opt, server_lr=args.server_lr, server_momentum=args.server_momentum,
+                            central_epochs=args.central_epochs)
     print("\n" + report_markdown(report) + f"\nreport: {Path(args.workdir) / (REPORT + '.json')} (and .md)")
 
 
@@ -312,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--override", type=_parse_override, action="append", default=[], metavar="KEY=VALUE",
                        help="bundle config override for every site, value as JSON")
         p.add_argument("--no-cross-site", action="store_true", help="skip the final cross-site evaluation")
+        p.add_argument("--initial-checkpoint", metavar="MODEL.pt",
+                       help="start the global model from this checkpoint, e.g. the `central` command's models/model.pt "
+                            "trained on public data (DP fine-tuning keeps far more accuracy than DP training from scratch)")
         dp = p.add_argument_group("differential privacy (Opacus DP-SGD at every site; switches the bundle to GroupNorm)")
         dp.add_argument("--dp-epsilon", type=float, help="target epsilon over the whole run; the noise multiplier is derived")
         dp.add_argument("--dp-noise", type=float, help="noise multiplier (instead of --dp-epsilon)")
@@ -390,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", type=float, default=10, help="seconds the server waits for stragglers once min_clients answered")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-baseline", action="store_true", help="skip the fault-free run")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run baseline and scenario with this many seeds (model init and fault draws) and judge the mean AUC difference")
     p.add_argument("--quiet", action="store_true")
 
     p = add("load-dti", cmd_load_dti, "Featurise a TDC-style DTI CSV (DAVIS, KIBA, BindingDB: Drug_ID,Drug,Target_ID,Target,Y) into .npy features + datalist.json.")
@@ -403,20 +416,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-invalid", choices=["error", "skip"], default="error", help="rows with a bad SMILES, sequence or Y: stop, or skip and list them")
     p.add_argument("--seed", type=int, default=0, help="random pair split seed")
 
+    from monai_fl_ext.dti_demo import SCENARIO_SCHEDULE
+
     p = add("dti-consortium", cmd_dti_consortium, "DTI consortium scenario: synthetic data, scaffold-skewed sites, central and federated (FLARE) DTI bundle; AUC, epsilon, round time split, audit.")
     p.add_argument("--workdir", default="workspace/dti", help="where data, partition, runs and the report go")
     p.add_argument("--drugs", type=int, default=160, help="synthetic compounds (8 scaffold families)")
     p.add_argument("--targets", type=int, default=36, help="synthetic proteins (6 families)")
     p.add_argument("--sites", type=int, default=12)
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the scaffold-family skew")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--local-epochs", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=SCENARIO_SCHEDULE["rounds"])
+    p.add_argument("--local-epochs", type=int, default=SCENARIO_SCHEDULE["local_epochs"])
+    p.add_argument("--central-epochs", type=int, help="central baseline epochs (default rounds x local epochs); best-validation checkpoint")
     p.add_argument("--dp-epsilon", type=float, help="DP-SGD at every site with this target epsilon (GroupNorm for both runs)")
     p.add_argument("--dp-delta", type=float, default=1e-5)
     p.add_argument("--secure-agg", action="store_true", help="pairwise-masked secure aggregation")
     p.add_argument("--mode", choices=["sim", "poc"], default="sim", help="FLARE simulator or POC (real processes over TLS)")
     p.add_argument("--no-central", action="store_true", help="skip the central baseline")
-    p.add_argument("--algorithm", choices=["fedavg", "fedprox", "fedopt"], default="fedavg", help="fedopt: server momentum SGD (lr 1, momentum 0.6)")
+    p.add_argument("--algorithm", choices=["fedavg", "fedprox", "fedopt"], default=SCENARIO_SCHEDULE["algorithm"],
+                   help="fedopt: a server optimizer on the mean update (FedAvgM with sgd)")
+    p.add_argument("--server-opt", choices=["sgd", "adam"], default=SCENARIO_SCHEDULE["server_optimizer"], help="fedopt's server optimizer")
+    p.add_argument("--server-lr", type=float, default=SCENARIO_SCHEDULE["server_lr"], help="fedopt's server learning rate")
+    p.add_argument("--server-momentum", type=float, default=SCENARIO_SCHEDULE["server_momentum"], help="fedopt's server SGD momentum")
     p.add_argument("--override", type=_parse_override, action="append", default=[], metavar="KEY=VALUE", help="bundle config override for both runs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")

@@ -75,7 +75,8 @@ def _summary(report: dict[str, Any], server: Path, wall: float) -> dict[str, Any
     }
 
 
-def run_stress(scenario: str, spec: Any, datalist: str | os.PathLike, baseline: bool = True, progress: bool = False) -> dict[str, Any]:
+def run_stress(scenario: str, spec: Any, datalist: str | os.PathLike, baseline: bool = True, progress: bool = False,
+               seed: int = 0) -> dict[str, Any]:
     """Run ``scenario`` on the job ``spec`` (and, with ``baseline``, the same job without faults).
 
     Args:
@@ -85,6 +86,7 @@ def run_stress(scenario: str, spec: Any, datalist: str | os.PathLike, baseline: 
         datalist: pooled datalist (its test split scores both runs).
         baseline: also run the fault-free job and report the AUC difference.
         progress: progress bars over rounds.
+        seed: the fault plan's random draws.
 
     Returns:
         The report, also written to ``<output_dir>/stress_<scenario>.json`` and ``.md``.
@@ -94,7 +96,7 @@ def run_stress(scenario: str, spec: Any, datalist: str | os.PathLike, baseline: 
 
     if scenario == "site-restart":
         return run_site_restart(spec, datalist, baseline=baseline, progress=progress)
-    plan, settings = scenario_plan(scenario, len(spec.sites()), spec.num_rounds)
+    plan, settings = scenario_plan(scenario, len(spec.sites()), spec.num_rounds, seed)
     out = Path(spec.output_dir)
     result: dict[str, Any] = {"scenario": scenario, "description": SCENARIOS[scenario], "sites": len(spec.sites()),
                               "rounds": spec.num_rounds, "fault_plan": plan, "settings": settings}
@@ -119,6 +121,73 @@ def run_stress(scenario: str, spec: Any, datalist: str | os.PathLike, baseline: 
     atomic_write_json(out / f"stress_{scenario}.json", result)
     atomic_write_text(out / f"stress_{scenario}.md", stress_markdown(result))
     return result
+
+
+def run_stress_repeated(scenario: str, spec: Any, datalist: str | os.PathLike, repeats: int, progress: bool = False) -> dict[str, Any]:
+    """:func:`run_stress` with ``repeats`` seeds (model initialisation and fault draws), baseline included.
+
+    One pair of runs cannot judge a 0.02 AUC tolerance when identical fault-free runs already differ by more
+    (CPU non-determinism, small validation sets picking the best checkpoint); the mean difference over
+    seeds, next to its spread, can.
+
+    Args:
+        scenario: a simulator scenario (not ``site-restart``).
+        spec: the fault-free job; seed ``k`` runs under ``<output_dir>/seed-k`` with bundle ``seed`` k.
+        datalist: pooled datalist.
+        repeats: number of seeds (>= 2).
+        progress: progress bars over rounds.
+
+    Returns:
+        Per-seed results, mean AUCs, the mean and standard deviation of ``faulty - baseline`` and whether
+        ``|mean difference| <= 0.02``; also written to ``<output_dir>/stress_<scenario>_repeated.json`` and ``.md``.
+
+    Raises:
+        ValueError: ``repeats`` < 2 or the scenario runs in POC mode.
+    """
+    import statistics
+
+    if repeats < 2 or scenario == "site-restart":
+        raise ValueError(f"repeated stress runs need repeats >= 2 and a simulator scenario, got {repeats} and {scenario!r}")
+    out = Path(spec.output_dir)
+    runs = []
+    for seed in range(repeats):
+        seeded = replace(spec, output_dir=str(out / f"seed-{seed}"), overrides={**spec.overrides, "seed": seed})
+        runs.append(run_stress(scenario, seeded, datalist, baseline=True, progress=progress, seed=seed))
+    diffs = [r["auc_difference"] for r in runs]
+    base = [r["baseline"]["test_macro_auc"] for r in runs]
+    result = {
+        "scenario": scenario, "description": SCENARIOS[scenario], "sites": len(spec.sites()), "rounds": spec.num_rounds,
+        "repeats": repeats, "seeds": [{"seed": k, "baseline_auc": r["baseline"]["test_macro_auc"], "faulty_auc": r["faulty"]["test_macro_auc"],
+                                       "difference": r["auc_difference"], "faulty_rounds_completed": r["faulty"]["rounds_completed"],
+                                       "faulty_contributions": r["faulty"]["contributions"], "faulty_dropped": r["faulty"]["dropped"],
+                                       "published_models_finite": r["faulty"]["published_models_finite"] and r["baseline"]["published_models_finite"]}
+                                      for k, r in enumerate(runs)],
+        "baseline_mean_auc": statistics.fmean(base), "baseline_auc_sd": statistics.stdev(base),
+        "faulty_mean_auc": statistics.fmean(r["faulty"]["test_macro_auc"] for r in runs),
+        "mean_difference": statistics.fmean(diffs), "difference_sd": statistics.stdev(diffs),
+        "every_round_completed": all(r["faulty"]["rounds_completed"] == r["faulty"]["rounds_planned"] for r in runs),
+    }
+    result["within_0.02"] = bool(abs(result["mean_difference"]) <= 0.02)
+    atomic_write_json(out / f"stress_{scenario}_repeated.json", result)
+    atomic_write_text(out / f"stress_{scenario}_repeated.md", repeated_markdown(result))
+    return result
+
+
+def repeated_markdown(result: dict[str, Any]) -> str:
+    """The per-seed table and the mean difference of :func:`run_stress_repeated`."""
+    lines = [f"# Stress scenario `{result['scenario']}`, {result['repeats']} seeds", "", result["description"], "",
+             f"{result['sites']} sites, {result['rounds']} rounds", "",
+             "| seed | baseline AUC | faulty AUC | difference | faulty rounds completed | contributions / dropped | models finite |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["seeds"]:
+        lines.append(f"| {r['seed']} | {r['baseline_auc']:.4f} | {r['faulty_auc']:.4f} | {r['difference']:+.4f} | "
+                     f"{r['faulty_rounds_completed']} | {r['faulty_contributions']} / {r['faulty_dropped']} | {r['published_models_finite']} |")
+    lines += ["", f"Baseline AUC {result['baseline_mean_auc']:.4f} (sd {result['baseline_auc_sd']:.4f} across seeds); faulty "
+                  f"{result['faulty_mean_auc']:.4f}. Mean difference (faulty - baseline) {result['mean_difference']:+.4f}, sd "
+                  f"{result['difference_sd']:.4f} (standard error {result['difference_sd'] / result['repeats'] ** 0.5:.4f}); "
+                  f"target |mean difference| <= 0.02: {'met' if result['within_0.02'] else 'not met'}. Every round completed: "
+                  f"{result['every_round_completed']}."]
+    return "\n".join(lines) + "\n"
 
 
 def _site_restart_summary(report: dict[str, Any], server: Path, wall: float, site: str, drill: dict[str, Any]) -> dict[str, Any]:
