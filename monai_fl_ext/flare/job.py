@@ -24,6 +24,7 @@ from monai_fl_ext.site_checks import software_versions
 QUANTIZATIONS = ("float16", "blockwise8", "float4", "normfloat4")
 CLIENT_SCRIPT = "client.py"  # relative: FLARE then runs the copy inside the job's custom/ folder
 FLARE_DIR = Path(__file__).resolve().parent
+POC_LOGIN_TIMEOUT = 120.0  # seconds for the POC server to accept the admin login
 
 
 @dataclass
@@ -418,12 +419,66 @@ def export_job(spec: FederatedJobSpec, job_root: str | os.PathLike) -> Path:
     return job_root / spec.name
 
 
+@contextlib.contextmanager
+def poc_system(spec: FederatedJobSpec, keep_workspace: bool = False):
+    """FLARE's ``PocEnv`` for ``spec``'s sites under ``output_dir/poc_workspace``; everything stopped afterwards.
+
+    On exit the services are stopped, any process left under a participant's folder is killed (e.g. a site a
+    drill started again), FLARE's job store under ``/tmp/nvflare`` is removed if this run created it, and the
+    workspace is removed unless ``keep_workspace`` (for its logs).
+
+    Yields:
+        ``(PocEnv, POC workspace root)``.
+    """
+    from nvflare.recipe import PocEnv
+
+    poc_root = (Path(spec.output_dir) / "poc_workspace").resolve()
+    storage = [Path("/tmp/nvflare") / d for d in ("jobs-storage", "snapshot-storage")]
+    preexisting = {p for p in storage if p.exists()}
+    old_env = os.environ.get("NVFLARE_POC_WORKSPACE")
+    os.environ["NVFLARE_POC_WORKSPACE"] = str(poc_root)
+    # FLARE's default 10 s admin login can pass before a loaded machine's new server accepts logins, and its
+    # clean-up of that failed session can hang (FLARE 2.9, ConnManager.stop); give the server time instead
+    env = PocEnv(num_clients=len(spec.sites()), clients=spec.sites(), extra={"login_timeout": POC_LOGIN_TIMEOUT})
+    try:
+        yield env, poc_root
+    finally:
+        with contextlib.suppress(Exception):
+            env.stop(clean_up=False)
+        _kill_leftovers(poc_root, spec.sites())
+        if not keep_workspace:
+            shutil.rmtree(poc_root, ignore_errors=True)
+        for path in storage:
+            if path not in preexisting:
+                shutil.rmtree(path, ignore_errors=True)
+        if old_env is None:
+            os.environ.pop("NVFLARE_POC_WORKSPACE", None)
+        else:
+            os.environ["NVFLARE_POC_WORKSPACE"] = old_env
+
+
+def _kill_leftovers(poc_root: Path, sites: list[str]) -> None:
+    """SIGKILL whatever still runs under a participant's folder of this POC workspace (only this run's processes)."""
+    from monai_fl_ext.flare.site_restart import kill_site
+
+    with contextlib.suppress(Exception):
+        from nvflare.tool.poc.poc_commands import get_prod_dir, setup_service_config
+
+        project, _ = setup_service_config(str(poc_root))
+        prod = Path(get_prod_dir(str(poc_root), project.get("name")))
+    if "prod" not in locals():
+        return
+    for site in sites:
+        with contextlib.suppress(RuntimeError):  # RuntimeError: nothing left of that site, as expected
+            kill_site(prod / site)
+
+
 def run_poc(spec: FederatedJobSpec, timeout: float = 1800, keep_workspace: bool = False, progress: bool = True) -> Path:
     """Run the job in FLARE's POC mode: a provisioned server and one process per site over TLS on loopback.
 
     The POC workspace lives under ``output_dir/poc_workspace``; the services are stopped and the
     workspace removed (unless ``keep_workspace``, for its logs) when the job ends or fails, so no
-    process is left behind.
+    process is left behind (:func:`poc_system`).
 
     Returns:
         The server output folder.
@@ -431,36 +486,19 @@ def run_poc(spec: FederatedJobSpec, timeout: float = 1800, keep_workspace: bool 
     Raises:
         RuntimeError: the job did not finish with status ``FINISHED:COMPLETED``.
     """
-    from nvflare.recipe import PocEnv
     from nvflare.recipe.spec import Recipe
 
     class _JobRecipe(Recipe):
         """FLARE's Recipe API around a job we built ourselves (Recipe has no abstract methods)."""
 
     job = build_job(spec)
-    poc_root = (Path(spec.output_dir) / "poc_workspace").resolve()
-    storage = [Path("/tmp/nvflare") / d for d in ("jobs-storage", "snapshot-storage")]
-    preexisting = {p for p in storage if p.exists()}
-    old_env = os.environ.get("NVFLARE_POC_WORKSPACE")
-    os.environ["NVFLARE_POC_WORKSPACE"] = str(poc_root)
-    env = PocEnv(num_clients=len(spec.sites()), clients=spec.sites())
     status = None
-    try:
+    with poc_system(spec, keep_workspace) as (env, _):
         with contextlib.chdir(FLARE_DIR):
             run = _JobRecipe(job).execute(env)
         with round_progress(spec, progress):
-            run.get_result(timeout=timeout, clean_up=not keep_workspace)
+            run.get_result(timeout=timeout, clean_up=False)
         status = run.get_status()
-    finally:
-        with contextlib.suppress(Exception):
-            env.stop(clean_up=not keep_workspace)
-        for path in storage:  # FLARE's job store outside the POC workspace
-            if path not in preexisting:
-                shutil.rmtree(path, ignore_errors=True)
-        if old_env is None:
-            os.environ.pop("NVFLARE_POC_WORKSPACE", None)
-        else:
-            os.environ["NVFLARE_POC_WORKSPACE"] = old_env
     if status is None or "COMPLETED" not in str(status):
         raise RuntimeError(f"POC job {spec.name} ended with status {status}")
     return Path(spec.output_dir) / "server"

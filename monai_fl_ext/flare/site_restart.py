@@ -26,14 +26,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 POLL_S = 0.2
 
@@ -216,41 +215,6 @@ def _job_done(session: Any, job_id: str) -> str | None:
 # ---- the POC system --------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def poc_system(spec: Any, keep_workspace: bool = False) -> Iterator[tuple[Any, Path]]:
-    """Provision and start a POC system for ``spec``'s sites under ``output_dir/poc_workspace``; stop it afterwards.
-
-    Yields:
-        (FLARE's ``PocEnv``, the provisioned folder holding one folder per participant).
-    """
-    from nvflare.recipe import PocEnv
-    from nvflare.tool.poc.poc_commands import get_prod_dir, setup_service_config
-
-    poc_root = (Path(spec.output_dir) / "poc_workspace").resolve()
-    storage = [Path("/tmp/nvflare") / d for d in ("jobs-storage", "snapshot-storage")]
-    preexisting = {p for p in storage if p.exists()}
-    old_env = os.environ.get("NVFLARE_POC_WORKSPACE")
-    os.environ["NVFLARE_POC_WORKSPACE"] = str(poc_root)
-    env = PocEnv(num_clients=len(spec.sites()), clients=spec.sites())
-    try:
-        yield env, poc_root
-    finally:
-        with contextlib.suppress(Exception):
-            env.stop(clean_up=not keep_workspace)
-        with contextlib.suppress(Exception):  # a site this drill restarted is a normal participant, but make sure
-            project, _ = setup_service_config(str(poc_root))
-            prod = Path(get_prod_dir(str(poc_root), project.get("name")))
-            for site in spec.sites():
-                kill_site(prod / site)
-        for path in storage:  # FLARE's job store outside the POC workspace (as run_poc)
-            if path not in preexisting:
-                shutil.rmtree(path, ignore_errors=True)
-        if old_env is None:
-            os.environ.pop("NVFLARE_POC_WORKSPACE", None)
-        else:
-            os.environ["NVFLARE_POC_WORKSPACE"] = old_env
-
-
 def _try_session(poc_root: Path) -> tuple[Any, Path] | None:
     """:func:`_admin_session`, or None while the server is not accepting logins yet."""
     try:
@@ -272,7 +236,10 @@ def _admin_session(poc_root: Path) -> tuple[Any, Path]:
 
     project, _ = setup_service_config(str(poc_root))
     prod = Path(get_prod_dir(str(poc_root), project.get("name")))
-    return new_secure_session(DEFAULT_ADMIN_USER, str(prod / DEFAULT_ADMIN_USER)), prod
+    from monai_fl_ext.flare.job import POC_LOGIN_TIMEOUT
+
+    # one long login rather than short retries: FLARE's clean-up of a timed-out login can hang
+    return new_secure_session(DEFAULT_ADMIN_USER, str(prod / DEFAULT_ADMIN_USER), timeout=POC_LOGIN_TIMEOUT), prod
 
 
 def _submit(env: Any, spec: Any) -> str:
@@ -352,9 +319,11 @@ def run_site_restart_drill(spec: Any, plan: SiteRestartPlan | None = None, timeo
     deadline = start + timeout
     left = lambda: max(1.0, deadline - time.monotonic())  # noqa: E731
     events: dict[str, Any] = {"plan": asdict(plan), "jobs": []}
+    from monai_fl_ext.flare.job import poc_system
+
     with poc_system(spec, keep_workspace) as (env, poc_root):
         start_services(env)
-        session, prod = wait_for(lambda: _try_session(poc_root), 60, "the POC server to accept the admin login")
+        session, prod = wait_for(lambda: _try_session(poc_root), 180, "the POC server to accept the admin login")
         site_dir = prod / plan.site
         try:
             wait_for(lambda: all_sites_connected(session, spec.sites()), min(180.0, left()), f"all sites {spec.sites()} to register")
