@@ -161,3 +161,17 @@ def test_poc_site_killed_mid_round_restarted_two_rounds_later_rejoins_with_its_p
     assert "job_resumed" in events and events[-1] == "job_end" and events.count("aggregated") == 4
     poc = str(tmp_path / "stress" / "faulty" / "poc_workspace")
     assert not [p.pid for p in psutil.process_iter(["cmdline"]) if any(poc in a for a in p.info["cmdline"] or [])]
+
+
+def test_repeated_stress_needs_two_seeds_and_a_simulator_scenario(tiny_cohort, tmp_path):
+    from monai_fl_ext.flare.job import FederatedJobSpec
+    from monai_fl_ext.stress import run_stress_repeated, scenario_plan
+
+    dataset_dir, datalist, partition_dir = tiny_cohort
+    spec = FederatedJobSpec(bundle="chest_xray_classification", dataset_dir=str(dataset_dir), partition_dir=str(partition_dir),
+                            output_dir=str(tmp_path / "stress"))
+    for repeats, scenario in ((1, "dropouts"), (3, "site-restart")):
+        with pytest.raises(ValueError, match="repeats >= 2 and a simulator scenario"):
+            run_stress_repeated(scenario, spec, datalist, repeats)
+    # each seed draws its own faults: the plans differ only in their seed, so the draws differ by seed
+    assert scenario_plan("dropouts", 10, 8, seed=1)[0]["seed"] == 1 != scenario_plan("dropouts", 10, 8, seed=2)[0]["seed"]
