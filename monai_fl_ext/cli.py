@@ -209,7 +209,8 @@ def cmd_stress(args: argparse.Namespace) -> None:
         work / "data", SyntheticSpec(num_patients=args.patients, image_size=args.image_size, num_hospitals=3, seed=args.seed),
         args.sites, 0.5, progress=not args.quiet, min_site_size=5, partition_dir=work / "partition")
     spec = FederatedJobSpec(bundle=args.bundle, dataset_dir=str(dataset_dir), partition_dir=str(partition_dir),
-                            output_dir=str(work / args.scenario), num_rounds=args.rounds, cross_site_eval=False,
+                            output_dir=str(work / args.scenario), num_rounds=args.rounds, local_epochs=args.local_epochs,
+                            cross_site_eval=False,
                             overrides={"spatial_size": [args.image_size, args.image_size], "seed": args.seed},
                             wait_time_after_min_received=args.wait, name=f"stress_{args.scenario}")
     if args.repeats > 1:
@@ -398,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patients", type=int, default=300)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--local-epochs", type=int, default=1, help="local epochs per round at every site")
     p.add_argument("--wait", type=float, default=10, help="seconds the server waits for stragglers once min_clients answered")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-baseline", action="store_true", help="skip the fault-free run")

@@ -64,6 +64,21 @@ def test_simulation_scaffold_three_sites_survives_a_failing_site_with_float16_up
     assert list((tmp_path / "fl" / "sites" / "site-1" / "eval").glob("events.out.tfevents.*"))
 
 
+def test_the_same_job_run_twice_publishes_bit_identical_global_models(tiny_cohort, tmp_path):
+    """Sites answer in a different order each run; the server sums in site order, so a rerun reproduces the model."""
+    from monai_fl_ext.federated import run_federated
+
+    _, datalist, _ = tiny_cohort
+    models = []
+    for run in ("first", "second"):
+        run_federated(_spec(tiny_cohort, tmp_path / run, cross_site_eval=False), datalist, mode="sim")
+        models.append(torch.load(tmp_path / run / "server" / "models" / "final_global_model.pt", map_location="cpu"))
+    first, second = models
+    assert first.keys() == second.keys()
+    differing = [k for k in first if not torch.equal(first[k], second[k])]
+    assert not differing, f"a rerun changed {differing[:5]}"
+
+
 def test_exported_fedopt_job_runs_unchanged_in_nvflare_simulator(tiny_cohort, tmp_path):
     from monai_fl_ext.flare.job import export_job
 

@@ -437,7 +437,8 @@ class FederatedBundleController(BaseFedAvg):
                 failed[name] = f"no answer within the round (timeout {self.train_timeout}s, wait after minimum {self.wait_time_after_min_received}s)"
         for name, why in failed.items():
             self.warning(f"round {self.current_round}: {name} left out: {why}")
-        return ok, failed
+        # arrival order varies from run to run; summing in site order makes the aggregate reproducible
+        return sorted(ok, key=lambda r: r.meta.get("client_name", "?")), failed
 
     def _weight(self, result: FLModel) -> float:
         name = result.meta["client_name"]
