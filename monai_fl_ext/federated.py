@@ -39,6 +39,22 @@ def run_federated(spec: Any, datalist: str | os.PathLike, mode: str = "sim", pro
     return federated_report(spec, datalist, server_dir, mode)
 
 
+def evaluate_global_model(spec: Any, datalist: str | os.PathLike, checkpoint: str | os.PathLike) -> dict[str, Any]:
+    """Test macro and per-label AUC of a global model of the job ``spec``, pooled and per site.
+
+    Args:
+        spec: the job whose bundle, overrides and partition the model was trained with.
+        datalist: pooled datalist (its test split is the pooled test set).
+        checkpoint: a state dict the bundle network loads (``best_global_model.pt``, ``final_global_model.pt``).
+
+    Returns:
+        :func:`~monai_fl_ext.evaluation.evaluate_checkpoint`'s ``{"pooled": ..., "per_site": ...}``.
+    """
+    bundle_root = resolve_bundle(spec.bundle)
+    overrides = run_overrides(bundle_root, spec.dataset_dir, datalist, Path(spec.output_dir) / "eval_run", **spec.overrides)
+    return evaluate_checkpoint(bundle_root, Path(checkpoint), overrides, read_datalist(datalist)["labels"], "test", Path(spec.partition_dir))
+
+
 def federated_report(spec: Any, datalist: str | os.PathLike, server_dir: Path, mode: str) -> dict[str, Any]:
     """Evaluate the global model a finished run left in ``server_dir`` on the test sets and write the report.
 
@@ -54,9 +70,7 @@ def federated_report(spec: Any, datalist: str | os.PathLike, server_dir: Path, m
     history = read_json(server_dir / "history.json")
     models = server_dir / "models"
     checkpoint = models / "best_global_model.pt" if (models / "best_global_model.pt").exists() else models / "final_global_model.pt"
-    bundle_root = resolve_bundle(spec.bundle)
-    overrides = run_overrides(bundle_root, spec.dataset_dir, datalist, Path(spec.output_dir) / "eval_run", **spec.overrides)
-    evaluation = evaluate_checkpoint(bundle_root, checkpoint, overrides, read_datalist(datalist)["labels"], "test", Path(spec.partition_dir))
+    evaluation = evaluate_global_model(spec, datalist, checkpoint)
     report = {
         "task": "federated",
         "mode": mode,

@@ -128,3 +128,20 @@ def test_version_comparison_names_both_versions_and_accepts_cpu_and_cuda_builds(
     diffs = compare_versions(mine, {**mine, "monai": "1.5.0", "bundle_version": "0.0.1"})
     assert f"monai: site 1.5.0, job {mine['monai']}" in diffs and any(d.startswith("bundle_version: site 0.0.1") for d in diffs)
     assert compare_versions({"opacus": "1.6.0"}, {}) == ["opacus: the site did not report it (job: 1.6.0)"]
+
+
+def test_stress_judgement_needs_the_whole_confidence_interval_on_the_right_side_of_the_tolerance():
+    from monai_fl_ext.stress import judge_difference
+
+    better = judge_difference([0.083, 0.066, 0.056])  # faulty runs better in every seed
+    assert better["mean"] == pytest.approx(0.068333, abs=1e-6)
+    half = 4.302653 * better["sd"] / 3 ** 0.5  # t quantile 0.975 with 2 degrees of freedom
+    assert better["ci"] == pytest.approx([better["mean"] - half, better["mean"] + half], abs=1e-6)
+    assert (better["no_worse"], better["equivalent"]) == ("met", "not met")
+    assert judge_difference([-0.05, -0.06, -0.055])["no_worse"] == "not met"
+    close = judge_difference([0.004, -0.003, 0.001, 0.0])
+    assert (close["no_worse"], close["equivalent"]) == ("met", "met")
+    noisy = judge_difference([-0.0124, -0.1182, 0.0731])  # a mean inside the tolerance is not enough
+    assert abs(noisy["mean"]) < 0.02 and (noisy["no_worse"], noisy["equivalent"]) == ("undetermined", "undetermined")
+    with pytest.raises(ValueError, match="at least two seeds"):
+        judge_difference([0.01])
