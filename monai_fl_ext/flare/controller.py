@@ -31,6 +31,7 @@ from monai_fl_ext.io import atomic_write_bytes, atomic_write_json
 NUM_STEPS = "NUM_STEPS_CURRENT_ROUND"
 WEIGHTINGS = ("steps", "samples", "uniform")
 GLOBAL_MODEL = "global"
+KEY_METRIC = "val_auc"  # the bundles' validation key metric, reported by every site each round
 
 
 def _mean(values: list[float]) -> float | None:
@@ -97,7 +98,7 @@ class FederatedBundleController(BaseFedAvg):
         wait_time_after_min_received: float = 30,
         cross_site_eval: bool = True,
         output_dir: str = "fl_outputs",
-        key_metric: str = "val_auc",
+        key_metric: str = KEY_METRIC,
         client_dp_clip: float = 0.0,
         client_dp_noise: float = 0.0,
         client_dp_delta: float = 1e-5,

@@ -265,14 +265,15 @@ def build_job(spec: FederatedJobSpec, shared_machine: bool = True):
     from nvflare.app_opt.pt.job_config.model import PTModel
     from nvflare.job_config.script_runner import ScriptRunner
 
-    from monai_fl_ext.flare.controller import FederatedBundleController
+    from monai_fl_ext.flare.controller import KEY_METRIC, FederatedBundleController
     from monai_fl_ext.flare.network import BundleModelPersistor, bundle_model_spec
 
     spec.validate()
     bundle_root = resolve_bundle(spec.bundle)
     sites = spec.sites()
     min_clients = spec.min_clients or len(sites)
-    job = BaseFedJob(name=spec.name, min_clients=min_clients)
+    # FLARE's own model selector watches the same metric (its default, accuracy, warned for every site each round)
+    job = BaseFedJob(name=spec.name, min_clients=min_clients, key_metric=KEY_METRIC)
     initial = None
     if spec.initial_checkpoint is not None:  # the job carries the weights (server custom/), so an exported job does too
         initial = _initial_weights_file(spec)
