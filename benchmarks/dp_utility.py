@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import time
 from argparse import Namespace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -81,20 +82,9 @@ def public_checkpoint(work: Path, patients: int, image_size: int, epochs: int, o
     return Path(report["checkpoint"]), report
 
 
-def _auc_of_checkpoint(checkpoint: Path, job: Any, datalist: Path, run_dir: Path) -> float | None:
-    """Pooled test macro AUC of ``checkpoint`` with ``job``'s bundle settings (as the federated runs are scored)."""
-    from monai_fl_ext.bundle import resolve_bundle, run_overrides
-    from monai_fl_ext.data.datalist import read_datalist
-    from monai_fl_ext.evaluation import evaluate_checkpoint
-
-    bundle_root = resolve_bundle(job.bundle)
-    overrides = run_overrides(bundle_root, job.dataset_dir, datalist, run_dir, **job.overrides)
-    return evaluate_checkpoint(bundle_root, checkpoint, overrides, read_datalist(datalist)["labels"], "test")["pooled"]["macro_auc"]
-
-
 def run(args: Namespace) -> dict[str, Any]:
     """Benchmark ``dp_utility`` (see :data:`DESCRIPTION`)."""
-    from monai_fl_ext.federated import run_privacy_sweep
+    from monai_fl_ext.federated import evaluate_global_model, run_privacy_sweep
     from monai_fl_ext.flare.job import FederatedJobSpec
     from monai_fl_ext.io import read_json
 
@@ -129,8 +119,6 @@ def run(args: Namespace) -> dict[str, Any]:
                                   max_grad_norm=clip, progress=False)
         default_auc = None
         if tuned:  # the default bundle without DP (same cohort, rounds, local epochs, GroupNorm)
-            from dataclasses import replace
-
             from monai_fl_ext.federated import run_federated
 
             t0 = time.perf_counter()
@@ -141,7 +129,7 @@ def run(args: Namespace) -> dict[str, Any]:
                           "max_grad_norm": None, "test_macro_auc": default_auc, "status": "completed",
                           "wall_s": time.perf_counter() - t0})
         if checkpoint is not None:  # what the public model alone scores on the hospitals' test set
-            public_auc = _auc_of_checkpoint(checkpoint, job, datalist, out / "public-only")
+            public_auc = evaluate_global_model(replace(job, output_dir=str(out / "public-only")), datalist, checkpoint)["pooled"]["macro_auc"]
             sweep.append({"run": "public-pretrained only (no federated training)", "noise_multiplier": "", "epsilon": None,
                           "delta": None, "max_grad_norm": None, "test_macro_auc": public_auc, "status": "completed",
                           "wall_s": public["train_seconds"]})

@@ -148,9 +148,9 @@ def run(args: Namespace) -> dict[str, Any]:
         "All sites run as processes on this machine with 1 torch thread each; with more sites than cores the sites' "
         "training times include waiting for a core, as a consortium's separate machines would not.",
         "Fair comparison: both sides are trained to convergence and tested with their best-validation model (central: the "
-    "epoch with the best validation AUC; federated: the round whose global model had the best validation AUC); the "
-    "federated run sees more epochs of data (rounds x local epochs) than the central one.",
-    "Every run trains GroupNorm (num_groups=1) with batch 16 (`monai_fl_ext.dti_demo.SCENARIO_OVERRIDES`), so the DP run "
+        "epoch with the best validation AUC; federated: the round whose global model had the best validation AUC); the "
+        "federated run sees more epochs of data (rounds x local epochs) than the central one.",
+        "Every run trains GroupNorm (num_groups=1) with batch 16 (`monai_fl_ext.dti_demo.SCENARIO_OVERRIDES`), so the DP run "
         "and the central reference share an architecture.",
     ]
     return {

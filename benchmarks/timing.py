@@ -87,14 +87,10 @@ def interleaved(
 
 def with_threads(fn: Callable[[], object], threads: int) -> Callable[[], object]:
     """``fn`` run with ``torch.set_num_threads(threads)``, restoring the previous count afterwards."""
-    import torch
+    from monai_fl_ext.baseline import torch_threads
 
     def run() -> object:
-        previous = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
+        with torch_threads(threads):
             return fn()
-        finally:
-            torch.set_num_threads(previous)
 
     return run

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,24 @@ from monai_fl_ext.evaluation import evaluate_checkpoint, finite_or_none
 from monai_fl_ext.io import atomic_write_json, sha256_file
 
 REPORT = "central_report.json"
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the body with ``torch.set_num_threads(threads)``, restoring the previous count afterwards.
+
+    Args:
+        threads: torch intra-op threads; None leaves torch's setting alone.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def run_central(

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -70,24 +68,6 @@ def prepare_dti(
                                     strategy="dirichlet_field", alpha=alpha, seed=spec.seed, min_site_size=min_site_size,
                                     field=PARTITION_FIELD)
     return dataset_dir, datalist, Path(partition_dir)
-
-
-@contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    """Run the body with ``torch.set_num_threads(threads)``, restoring the previous count afterwards.
-
-    Args:
-        threads: torch intra-op threads; None leaves torch's setting alone.
-    """
-    import torch
-
-    previous = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def round_time_split(server_dir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -226,6 +206,7 @@ def run_consortium(
     """
     from monai_fl_ext.baseline import run_central
     from monai_fl_ext.federated import run_federated
+    from monai_fl_ext.baseline import torch_threads
     from monai_fl_ext.flare.job import FederatedJobSpec
 
     workdir = Path(workdir)

@@ -143,6 +143,25 @@ def test_noise_depends_on_the_seed_and_nothing_else(tiny_cohort, tiny_overrides,
     assert torch.equal(results[0], results[2])  # same seed, same everything
 
 
+def test_without_a_seed_the_noise_cannot_be_regenerated_from_the_public_bundle_seed(tiny_cohort, tiny_overrides, tmp_path):
+    """Federated DP runs pass no seed: the same bundle seed and torch seed must still give different noise."""
+    from monai_fl_ext.privacy.dp_sgd import enable_dp_sgd
+
+    start = None
+    results = []
+    for i in range(2):
+        trainer = _workflow(tiny_cohort, tiny_overrides, tmp_path / str(i)).trainer
+        if start is None:
+            start = _weights(trainer.network)
+        trainer.network.load_state_dict(start)
+        torch.manual_seed(0)  # what an adversary who knows the bundle's set_determinism seed can reproduce
+        enable_dp_sgd(trainer, noise_multiplier=1.0, max_grad_norm=1.0, poisson=False, seed=None)
+        trainer.state.epoch_length = 1
+        trainer.run()
+        results.append(torch.cat([p.detach().flatten() for p in trainer.network.parameters()]))
+    assert not torch.equal(results[0], results[1])
+
+
 def test_poisson_batches_vary_and_empty_batches_are_noise_only_steps(tiny_cohort, tiny_overrides, tmp_path):
     from ignite.engine import Events
 

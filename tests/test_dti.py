@@ -319,7 +319,7 @@ def test_dti_consortium_cli_defaults_are_the_scenario_schedule():
 
 
 def test_torch_threads_restores_the_thread_count():
-    from monai_fl_ext.dti_demo import torch_threads
+    from monai_fl_ext.baseline import torch_threads
 
     before = torch.get_num_threads()
     with torch_threads(1):

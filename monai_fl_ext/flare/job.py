@@ -458,16 +458,21 @@ def poc_system(spec: FederatedJobSpec, keep_workspace: bool = False):
             os.environ["NVFLARE_POC_WORKSPACE"] = old_env
 
 
+def poc_prod_dir(poc_root: Path) -> Path:
+    """The provisioned folder of a POC workspace (one subfolder per participant, as FLARE's ``nvflare poc`` lays it out)."""
+    from nvflare.tool.poc.poc_commands import get_prod_dir, setup_service_config
+
+    project, _ = setup_service_config(str(poc_root))
+    return Path(get_prod_dir(str(poc_root), project.get("name")))
+
+
 def _kill_leftovers(poc_root: Path, sites: list[str]) -> None:
     """SIGKILL whatever still runs under a participant's folder of this POC workspace (only this run's processes)."""
     from monai_fl_ext.flare.site_restart import kill_site
 
-    with contextlib.suppress(Exception):
-        from nvflare.tool.poc.poc_commands import get_prod_dir, setup_service_config
-
-        project, _ = setup_service_config(str(poc_root))
-        prod = Path(get_prod_dir(str(poc_root), project.get("name")))
-    if "prod" not in locals():
+    try:
+        prod = poc_prod_dir(poc_root)
+    except Exception:  # never provisioned (the run failed before FLARE set it up): nothing can run there
         return
     for site in sites:
         with contextlib.suppress(RuntimeError):  # RuntimeError: nothing left of that site, as expected

@@ -232,12 +232,10 @@ def _admin_session(poc_root: Path) -> tuple[Any, Path]:
     """A session of FLARE's admin API on the POC system, and the provisioned folder."""
     from nvflare.fuel.flare_api.flare_api import new_secure_session
     from nvflare.recipe.poc_env import DEFAULT_ADMIN_USER
-    from nvflare.tool.poc.poc_commands import get_prod_dir, setup_service_config
 
-    project, _ = setup_service_config(str(poc_root))
-    prod = Path(get_prod_dir(str(poc_root), project.get("name")))
-    from monai_fl_ext.flare.job import POC_LOGIN_TIMEOUT
+    from monai_fl_ext.flare.job import POC_LOGIN_TIMEOUT, poc_prod_dir
 
+    prod = poc_prod_dir(poc_root)
     # one long login rather than short retries: FLARE's clean-up of a timed-out login can hang
     return new_secure_session(DEFAULT_ADMIN_USER, str(prod / DEFAULT_ADMIN_USER), timeout=POC_LOGIN_TIMEOUT), prod
 
